@@ -1,0 +1,1 @@
+"""LoRA Fleet Python SDK."""

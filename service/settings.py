@@ -1,0 +1,70 @@
+"""All configuration, read once from the environment (prefix ``LORAFLEET_``).
+
+Every tunable of the control plane lives here; nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TenantDefaults(BaseSettings):
+    """Quotas a new tenant gets unless the admin sets others."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_TENANT_", extra="ignore")
+
+    max_concurrent_jobs: int = Field(2, ge=0)
+    max_queued_jobs: int = Field(100, ge=0)
+    requests_per_minute: int = Field(600, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    data_dir: Path = Path(".lorafleet")
+    # Default: a SQLite file in data_dir (see `effective_database_url`).
+    database_url: str | None = None
+    # Default: a local folder in data_dir. Or s3://bucket/prefix.
+    object_store_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # Empty: start (or join) a local Ray. Else e.g. "http://ray-head:8265" for job submission.
+    ray_address: str | None = None
+    # URL of the serving application's HTTP endpoint (Ray Serve); the API proxies to it.
+    serve_url: str | None = None
+    # URL workers use to reach the control plane's internal endpoints.
+    public_url: str = "http://127.0.0.1:8000"
+    admin_token: SecretStr = Field(default_factory=lambda: SecretStr(secrets.token_urlsafe(24)))
+    # Signs job-scoped worker tokens. Generated per process unless set (set it in multi-replica deployments).
+    internal_secret: SecretStr = Field(default_factory=lambda: SecretStr(secrets.token_urlsafe(32)))
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    default_base_model: str = "lorafleet/tiny-llama"
+    scheduler_interval_s: float = Field(1.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    tenant_defaults: TenantDefaults = Field(default_factory=TenantDefaults)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'lorafleet.db').resolve()}"
+
+    @property
+    def effective_object_store_url(self) -> str:
+        if self.object_store_url:
+            return self.object_store_url
+        return (self.data_dir / "objects").resolve().as_uri()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,281 @@
+"""Contracts shared by the control plane and the data plane.
+
+Pydantic only and torch-free: ``service`` imports this module, ``workers`` implements it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["lora", "qlora"]
+DatasetFormat = Literal["chat", "completion", "alpaca", "text"]
+
+# The chapter's reference LLaMA recipe (QLoRA section): attention projections.
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Strict):
+    """LoRA hyperparameters with the chapter's defaults (r=8, alpha=2r, dropout 0.05, lr 2e-4)."""
+
+    r: Annotated[int, Field(ge=1, le=1024)] = 8
+    lora_alpha: Annotated[float, Field(gt=0, le=1e4)] | None = None  # None: 2 * r
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    # A list of module names, a single regex (PEFT full-match semantics) or "all-linear".
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | str = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES)
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+    n_epochs: Annotated[int, Field(ge=1, le=100)] = 3
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 4
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 4
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.03
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    max_seq_length: Annotated[int, Field(ge=8, le=131072)] = 512
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    # Our extensions: how often to evaluate and checkpoint (optimizer steps; 0 = only at the end).
+    eval_steps: Annotated[int, Field(ge=0)] = 0
+    checkpoint_steps: Annotated[int, Field(ge=0)] = 0
+    # "pack" (default) concatenates examples with per-example attention; "pad" pads per batch.
+    batching: Literal["pack", "pad"] = "pack"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("target_modules must not be empty")
+            return v
+        if v != "all-linear":
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"target_modules is not a valid regex: {exc}") from None
+        return v
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.r
+
+
+class Resources(_Strict):
+    num_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0, le=8)] = 0
+    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1
+
+
+class BaseModelRef(_Strict):
+    id: str
+    uri: str  # an object-store key prefix ("models/..."), an s3:// URI or a local directory
+    checksum: str | None = None  # sha256 over the model's files, recorded in adapter manifests
+
+
+class TrainJobSpec(_Strict):
+    """Everything a training run needs. Handed to the worker; holds no database credentials."""
+
+    job_id: str
+    tenant_id: str
+    base_model: BaseModelRef
+    method: Method
+    hyperparameters: Hyperparameters
+    resources: Resources = Field(default_factory=Resources)
+    training_file: str  # object-store key
+    training_file_sha256: str
+    validation_file: str | None = None
+    output_prefix: str  # object-store key prefix where the final adapter goes
+    checkpoint_prefix: str  # object-store key prefix for checkpoints
+    # How the worker reports progress: the control plane's internal endpoint and a job-scoped token.
+    control_plane_url: str | None = None
+    job_token: str | None = None
+    object_store_url: str
+
+
+class FileDigest(_Strict):
+    sha256: str
+    bytes: int
+
+
+class AdapterManifest(_Strict):
+    """manifest.json written beside adapter_model.safetensors / adapter_config.json."""
+
+    format_version: Literal[1] = 1
+    adapter_id: str
+    job_id: str
+    tenant_id: str
+    base_model: BaseModelRef
+    method: Method
+    quantization: Literal["nf4", "none"]
+    hyperparameters: Hyperparameters
+    dataset_sha256: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    files: dict[str, FileDigest]
+
+
+EventLevel = Literal["info", "warn", "error"]
+
+
+class JobEvent(_Strict):
+    """One progress report from a worker (step metrics go in ``data``)."""
+
+    level: EventLevel = "info"
+    message: str
+    type: Literal["message", "metrics", "status", "checkpoint", "warning"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class CheckpointReport(_Strict):
+    step: int
+    key_prefix: str  # object-store prefix holding a loadable adapter
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainResult(_Strict):
+    manifest_key: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+# Error codes a failed job carries. user_* are the tenant's mistakes, the rest platform failures.
+USER_ERROR_CODES = {
+    "invalid_training_file",
+    "empty_dataset",
+    "invalid_hyperparameters",
+    "training_diverged",  # NaN/inf loss: usually the learning rate
+}
+PLATFORM_ERROR_CODES = {"base_model_load_failed", "storage_error", "worker_lost", "internal_error"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset formats (JSON Lines). One example per line; every bad line is reported.
+# ---------------------------------------------------------------------------------------------
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    weight: Literal[0, 1] | None = None  # OpenAI's per-message training weight
+
+
+class ChatExample(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _needs_assistant(self) -> ChatExample:
+        if not any(m.role == "assistant" for m in self.messages):
+            raise ValueError("chat example has no assistant turn")
+        return self
+
+
+class CompletionExample(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    completion: str = Field(min_length=1)
+
+
+class AlpacaExample(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    instruction: str = Field(min_length=1)
+    input: str = ""
+    output: str = Field(min_length=1)
+
+
+class TextExample(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str = Field(min_length=1)
+
+
+_FORMATS: list[tuple[DatasetFormat, str, type[BaseModel]]] = [
+    ("chat", "messages", ChatExample),
+    ("completion", "completion", CompletionExample),
+    ("alpaca", "instruction", AlpacaExample),
+    ("text", "text", TextExample),
+]
+
+Example = ChatExample | CompletionExample | AlpacaExample | TextExample
+
+
+class LineError(_Strict):
+    line: int  # 1-based
+    reason: str
+
+
+class DatasetReport(_Strict):
+    format: DatasetFormat | None
+    examples: int
+    errors: list[LineError]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.examples > 0
+
+
+MAX_REPORTED_ERRORS = 100
+
+
+def parse_example(obj: Any) -> tuple[DatasetFormat, Example]:
+    """Classify one decoded JSON line by its distinguishing key and validate it."""
+    if not isinstance(obj, dict):
+        raise ValueError("line is not a JSON object")
+    for fmt, key, model in _FORMATS:
+        if key in obj:
+            try:
+                return fmt, model.model_validate(obj)
+            except Exception as exc:  # pydantic.ValidationError, flattened to one line
+                raise ValueError(_flatten_validation_error(exc)) from None
+    raise ValueError("unknown format: expected one of 'messages', 'prompt'/'completion', "
+                     "'instruction'/'output' or 'text'")
+
+
+def _flatten_validation_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def validate_jsonl(lines: Iterable[bytes | str]) -> DatasetReport:
+    """Validate a whole JSONL file; all lines must share one format. Blank lines are skipped."""
+    fmt: DatasetFormat | None = None
+    examples = 0
+    errors: list[LineError] = []
+    for number, raw in enumerate(lines, start=1):
+        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+            line_fmt, _ = parse_example(obj)
+            if fmt is None:
+                fmt = line_fmt
+            elif line_fmt != fmt:
+                raise ValueError(f"format '{line_fmt}' differs from the file's format '{fmt}'")
+            examples += 1
+        except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+            reason = f"not valid JSON: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(LineError(line=number, reason=reason))
+    if examples == 0 and not errors:
+        errors.append(LineError(line=0, reason="file contains no examples"))
+    return DatasetReport(format=fmt, examples=examples, errors=errors)
+
+
+def iter_examples(lines: Iterable[bytes | str]) -> Iterable[tuple[DatasetFormat, Example]]:
+    """Parse a validated JSONL file into typed examples."""
+    for raw in lines:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        if text.strip():
+            yield parse_example(json.loads(text))
