@@ -47,6 +47,24 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     default_base_model: str = "lorafleet/tiny-llama"
     scheduler_interval_s: float = Field(1.0, gt=0)
+    # Apply alembic migrations when the API starts (the embedded quick start). Deployments run
+    # them once, as a Helm hook, and set this to false.
+    auto_migrate: bool = True
+    # How long a tenant key → tenant lookup is cached (revocations in other replicas lag this much).
+    auth_cache_ttl_s: float = Field(5.0, ge=0)
+    # Timeout for calls proxied to the serving application.
+    serve_timeout_s: float = Field(300.0, gt=0)
+    # Runs of one job (first + retries after a crashed run) before it fails with worker_lost.
+    max_job_attempts: int = Field(3, ge=1)
+    # Cap on concurrently running fine-tunes, on top of what the Ray cluster's CPUs/GPUs allow.
+    max_running_jobs: int | None = Field(None, ge=1)
+    # True where Ray's autoscaler adds nodes on demand (KubeRay): submit runs beyond the CPUs/GPUs
+    # the cluster has right now and let Ray queue them; tenant quotas and max_running_jobs still hold.
+    ray_autoscaling: bool = False
+    # The Ray Job entrypoint of a fine-tune (default: this interpreter, `-m workers.train.ray_job`).
+    train_entrypoint: str | None = None
+    # CPU threads each training worker uses.
+    train_threads: int = Field(1, ge=1)
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -101,7 +101,8 @@ def object_store(request):
 def database_url(request, tmp_path: Path) -> str:
     """A fresh, empty database on each backend. Postgres gets its own schema-isolated database."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'test.db'}"
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
     if not PG_OK:
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
     import sqlalchemy as sa
@@ -116,3 +117,19 @@ def database_url(request, tmp_path: Path) -> str:
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real local Ray for the whole test session (head with dashboard; 2 CPUs).
+
+    Yields {"address": GCS address, "dashboard": dashboard URL}. Tests that need Ray share it
+    rather than start their own: each start costs ~15 s on a 2-core machine.
+    """
+    from workers.local_ray import start_local_ray, stop_local_ray
+
+    info = start_local_ray(tmp_path_factory.mktemp("ray"), num_cpus=2)
+    os.environ["RAY_ADDRESS"] = info["address"]
+    yield info
+    os.environ.pop("RAY_ADDRESS", None)
+    stop_local_ray(info)

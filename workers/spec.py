@@ -92,6 +92,7 @@ class TrainJobSpec(_Strict):
     training_file_sha256: str
     validation_file: str | None = None
     output_prefix: str  # object-store key prefix where the final adapter goes
+    adapter_id: str | None = None  # the id the published adapter will have (manifest.adapter_id)
     checkpoint_prefix: str  # object-store key prefix for checkpoints
     # How the worker reports progress: the control plane's internal endpoint and a job-scoped token.
     control_plane_url: str | None = None
@@ -253,10 +254,10 @@ def validate_jsonl(lines: Iterable[bytes | str]) -> DatasetReport:
     examples = 0
     errors: list[LineError] = []
     for number, raw in enumerate(lines, start=1):
-        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
-        if not text.strip():
-            continue
         try:
+            text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
+            if not text.strip():
+                continue
             obj = json.loads(text)
             line_fmt, _ = parse_example(obj)
             if fmt is None:

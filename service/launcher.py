@@ -1,0 +1,126 @@
+"""Runs fine-tunes as Ray Jobs through the Ray dashboard's Job Submission API.
+
+The control plane talks to Ray only here, over HTTP (no Ray driver connection), so the API and
+scheduler images need no GPU stack. The submission id of a job's first run is the job id: Ray
+refuses a second submission with the same id, so a job can never run twice at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from enum import Enum
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class RunState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    UNKNOWN = "UNKNOWN"  # Ray has no record of the submission
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float
+    gpus: float
+
+
+class LauncherError(Exception):
+    """Ray could not be reached or refused the request."""
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    """Attempt 1 runs as the job id itself; a retry after a crashed run gets its own id."""
+    return job_id if attempt <= 1 else f"{job_id}-r{attempt}"
+
+
+class RayJobLauncher:
+    def __init__(self, address: str, *, entrypoint: str | None = None, token: str | None = None,
+                 timeout: float = 10.0):
+        headers = {}
+        token = token or os.environ.get("RAY_AUTH_TOKEN")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.address = address.rstrip("/")
+        self.entrypoint = entrypoint or f"{shlex.quote(sys.executable)} -m workers.train.ray_job"
+        self._http = httpx.Client(base_url=self.address, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise LauncherError(f"Ray dashboard at {self.address} unreachable: {exc}") from exc
+
+    def submit(self, sub_id: str, *, env: dict[str, str], num_cpus: float = 0,
+               num_gpus: float = 0) -> None:
+        """Submit; a submission id Ray already knows is left alone (idempotent)."""
+        body = {
+            "entrypoint": self.entrypoint,
+            "submission_id": sub_id,
+            "runtime_env": {"env_vars": env},
+            "metadata": {"lorafleet_job": sub_id},
+            "entrypoint_num_cpus": num_cpus,
+            "entrypoint_num_gpus": num_gpus,
+        }
+        resp = self._request("POST", "/api/jobs/", json=body)
+        if resp.status_code == 200:
+            return
+        if self.state(sub_id) is not RunState.UNKNOWN:
+            return  # already submitted: never start a second run
+        raise LauncherError(f"Ray refused submission {sub_id}: {resp.status_code} {resp.text[:300]}")
+
+    def state(self, sub_id: str) -> RunState:
+        resp = self._request("GET", f"/api/jobs/{sub_id}")
+        if resp.status_code == 404:
+            return RunState.UNKNOWN
+        if resp.status_code != 200:
+            raise LauncherError(f"Ray job status {sub_id}: {resp.status_code} {resp.text[:300]}")
+        return RunState(resp.json()["status"])
+
+    def message(self, sub_id: str) -> str:
+        resp = self._request("GET", f"/api/jobs/{sub_id}")
+        return resp.json().get("message") or "" if resp.status_code == 200 else ""
+
+    def stop(self, sub_id: str) -> None:
+        resp = self._request("POST", f"/api/jobs/{sub_id}/stop")
+        if resp.status_code not in (200, 404):
+            raise LauncherError(f"Ray could not stop {sub_id}: {resp.status_code} {resp.text[:300]}")
+
+    def capacity(self) -> Capacity:
+        """Total CPUs and GPUs of the cluster, as Ray's autoscaler reports them."""
+        resp = self._request("GET", "/api/cluster_status")
+        if resp.status_code != 200:
+            raise LauncherError(f"Ray cluster status: {resp.status_code}")
+        usage = resp.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+        return Capacity(cpus=usage.get("CPU", [0, 0])[1], gpus=usage.get("GPU", [0, 0])[1])
+
+
+def job_env(spec_json: str, *, s3_access_key_id: str | None, s3_secret_access_key: str | None,
+            s3_endpoint_url: str | None, threads: int = 1) -> dict[str, str]:
+    """What a run gets: its spec (with its job-scoped token) and object-store credentials only."""
+    env = {"LORAFLEET_JOB_SPEC": spec_json, "OMP_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if s3_access_key_id and s3_secret_access_key:
+        env["AWS_ACCESS_KEY_ID"] = s3_access_key_id
+        env["AWS_SECRET_ACCESS_KEY"] = s3_secret_access_key
+    if s3_endpoint_url:
+        env["AWS_ENDPOINT_URL"] = s3_endpoint_url
+    json.loads(spec_json)  # fail here, not in the worker, on a malformed spec
+    return env
