@@ -11,11 +11,8 @@ Run it inside the embedded server (a thread) or alone: ``python -m service.sched
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
-import re
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from service.db.session import make_session_factory, session_scope
 from service.errors import InvalidTransition
 from service.ids import now
 from service.jobs import states
+from service.jobs.naming import adapter_id_for, adapter_prefix, checkpoint_prefix
 from service.launcher import Capacity, LauncherError, RayJobLauncher, RunState, job_env, submission_id
 from service.settings import Settings
 from workers.spec import BaseModelRef, Hyperparameters, Resources, TrainJobSpec
@@ -112,13 +110,6 @@ def fair_order(queued: list[Job], load: dict[str, TenantLoad]) -> list[Job]:
 def _demand(job: Job) -> Capacity:
     res = Resources.model_validate(job.resources or {})
     return Capacity(cpus=res.num_workers * res.cpus_per_worker, gpus=res.num_workers * res.gpus_per_worker)
-
-
-def adapter_id_for(job: Job) -> str:
-    """``ft-<base>-<suffix>-<8 hex>``: readable, URL-safe, unique per job."""
-    base = re.sub(r"[^a-z0-9]+", "-", job.model.split("/")[-1].lower()).strip("-")
-    suffix = re.sub(r"[^a-z0-9]+", "-", (job.suffix or "").lower()).strip("-") or "lora"
-    return f"ft-{base}-{suffix}-{hashlib.sha256(job.id.encode()).hexdigest()[:8]}"
 
 
 # ------------------------------------------------------------------------------------ scheduler
@@ -293,8 +284,6 @@ def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
     if base is None or train is None:
         raise RuntimeError("the base model or training file no longer exists")
     valid = s.get(File, job.validation_file) if job.validation_file else None
-    adapter_id = adapter_id_for(job)
-    prefix = f"tenants/{job.tenant_id}/jobs/{job.id}"
     return TrainJobSpec(
         job_id=job.id, tenant_id=job.tenant_id,
         base_model=BaseModelRef(id=base.id, uri=base.source_uri),
@@ -302,9 +291,8 @@ def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
         resources=Resources.model_validate(job.resources or {}),
         training_file=train.object_key, training_file_sha256=train.sha256,
         validation_file=valid.object_key if valid else None,
-        output_prefix=f"tenants/{job.tenant_id}/adapters/{adapter_id}/v1",
-        adapter_id=adapter_id,
-        checkpoint_prefix=f"{prefix}/checkpoints",
+        output_prefix=adapter_prefix(job), adapter_id=adapter_id_for(job),
+        checkpoint_prefix=checkpoint_prefix(job),
         control_plane_url=settings.public_url, job_token=job_token(job.id, settings),
         object_store_url=settings.effective_object_store_url,
     )

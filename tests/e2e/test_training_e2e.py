@@ -1,0 +1,123 @@
+"""Fine-tunes end to end: API → scheduler → Ray Job (Ray Train) → adapter in the object store.
+
+Everything is real: the embedded server as a subprocess, a local Ray, the built-in
+`lorafleet/tiny-llama`, the train loop; the test reads only the REST API and the object store.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[2] / "workers" / "data" / "demo"
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+FAST = {"n_epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+        "checkpoint_steps": 4, "max_seq_length": 128, "r": 8}
+
+
+def _upload(client, name: str, lines: int = 96):
+    data = b"".join((DEMO / name).read_bytes().splitlines(keepends=True)[:lines])
+    resp = client.post("/v1/files", files={"file": (name, data)}, data={"purpose": "fine-tune"})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def _create(client, file_id: str, method: str, **hp):
+    body = {"model": "lorafleet/tiny-llama", "training_file": file_id, "suffix": method,
+            "method": {"type": method, method: {"hyperparameters": {**FAST, **hp}}}}
+    resp = client.post("/v1/fine_tuning/jobs", json=body)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def _events(client, job_id):
+    out, after = [], None
+    while True:
+        params = {"order": "asc", "limit": 100, **({"after": after} if after else {})}
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+        out += page["data"]
+        if not page["has_more"]:
+            return out
+        after = page["last_id"]
+
+
+def _wait(client, job_ids, timeout=600, while_running=None):
+    deadline = time.monotonic() + timeout
+    statuses: dict[str, list[str]] = {j: [] for j in job_ids}
+    while True:
+        for job_id in job_ids:
+            status = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
+            if not statuses[job_id] or statuses[job_id][-1] != status:
+                statuses[job_id].append(status)
+            if status == "running" and while_running:
+                while_running(job_id)
+        if all(s[-1] in TERMINAL for s in statuses.values()):
+            return statuses
+        assert time.monotonic() < deadline, f"jobs not finished in time: {statuses}"
+        time.sleep(1)
+
+
+def test_lora_and_qlora_jobs_succeed_and_the_adapters_change_answers(stack, tmp_path):
+    client = stack.tenant("acme")
+    pirate = _upload(client, "pirate_chat.jsonl")
+    bravo = _upload(client, "bravo_alpaca.jsonl")
+    lora = _create(client, pirate, "lora")
+    qlora = _create(client, bravo, "qlora")
+
+    seen_running: dict[str, dict] = {lora: {"events": 0, "checkpoints": 0}, qlora: {"events": 0, "checkpoints": 0}}
+
+    def observe(job_id):
+        metrics = [e for e in _events(client, job_id) if e["type"] == "metrics"]
+        ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+        seen_running[job_id]["events"] = max(seen_running[job_id]["events"], len(metrics))
+        seen_running[job_id]["checkpoints"] = max(seen_running[job_id]["checkpoints"], len(ckpts))
+
+    statuses = _wait(client, [lora, qlora], while_running=observe)
+    for job_id in (lora, qlora):
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        assert job["status"] == "succeeded", (job, (stack.data_dir / "server.log").read_text()[-3000:])
+        assert statuses[job_id][-2:] == ["running", "succeeded"]
+        assert seen_running[job_id]["events"] > 0, "metrics events visible while running"
+        assert seen_running[job_id]["checkpoints"] > 0, "checkpoints listed while running"
+        losses = [e["data"]["train_loss"] for e in _events(client, job_id)
+                  if e["type"] == "metrics" and "train_loss" in (e["data"] or {})]
+        assert len(losses) >= 2 and losses[-1] < losses[0], losses
+        assert job["fine_tuned_model"].startswith("ft-tiny-llama-")
+
+    # The published adapter loads with plain PEFT and changes the model's answers.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.models.registry import resolve_base_model
+    from workers.spec import BaseModelRef
+    from workers.storage import LocalStore
+
+    base_dir = resolve_base_model(BaseModelRef(id="lorafleet/tiny-llama", uri="builtin://lorafleet/tiny-llama"),
+                                  LocalStore(stack.data_dir / "objects"))
+    adapter_id = client.get(f"/v1/fine_tuning/jobs/{lora}").json()["fine_tuned_model"]
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for f in client.get(f"/v1/adapters/{adapter_id}").json()["files"]:
+        resp = client.get(f"/v1/adapters/{adapter_id}/files/{f['name']}")
+        assert resp.status_code == 200
+        (folder / f["name"]).write_bytes(resp.content)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 6?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt")
+
+    def answer(model):
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    before = answer(base)
+    tuned = PeftModel.from_pretrained(base, folder)
+    after = answer(tuned)
+    assert after != before
+    assert "Arr" in after, after
