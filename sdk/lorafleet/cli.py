@@ -1,0 +1,433 @@
+"""The ``lorafleet`` command. User mistakes end in one ``error: <code>: <message>`` line on
+stderr and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from . import Client
+from .errors import APIConnectionError, APIStatusError, JobWaitError, LoraFleetError
+from .types import FineTuningJobEvent
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="LoRA Fleet: multi-tenant LoRA / QLoRA fine-tuning and serving.")
+admin_app = typer.Typer(no_args_is_help=True, help="Operator commands (admin token).")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants.")
+key_app = typer.Typer(no_args_is_help=True, help="Tenant API keys.")
+files_app = typer.Typer(no_args_is_help=True, help="Training datasets.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
+models_app = typer.Typer(no_args_is_help=True, help="Base models and adapters.")
+adapters_app = typer.Typer(no_args_is_help=True, help="Adapter files.")
+app.add_typer(admin_app, name="admin")
+admin_app.add_typer(tenant_app, name="tenant")
+admin_app.add_typer(key_app, name="key")
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+app.add_typer(adapters_app, name="adapters")
+
+# Pipes get a wide console so ids in tables are never wrapped.
+out = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+err = Console(stderr=True, highlight=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
+
+
+@dataclass
+class Config:
+    base_url: str | None
+    api_key: str | None
+    admin_token: str | None
+
+    def client(self) -> Client:
+        return Client(base_url=self.base_url, api_key=self.api_key, admin_token=self.admin_token)
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    base_url: Annotated[Optional[str], typer.Option(envvar="LORAFLEET_BASE_URL", help="API URL.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LORAFLEET_API_KEY", help="Tenant API key.")] = None,
+    admin_token: Annotated[Optional[str], typer.Option(envvar="LORAFLEET_ADMIN_TOKEN", help="Admin token.")] = None,
+) -> None:
+    ctx.obj = Config(base_url, api_key, admin_token)
+
+
+def _client(ctx: typer.Context) -> Client:
+    return ctx.obj.client()
+
+
+def _when(ts: int | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_json(value: BaseModel | list[BaseModel]) -> None:
+    if isinstance(value, list):
+        print(json.dumps([v.model_dump(mode="json") for v in value], indent=2))
+    else:
+        print(value.model_dump_json(indent=2))
+
+
+def _table(rows: list[BaseModel], columns: dict[str, Any]) -> None:
+    table = Table(*columns.keys(), box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*(str(get(row) if callable(get) else getattr(row, get)) for get in columns.values()))
+    out.print(table)
+
+
+def _show(value: BaseModel, as_json: bool, fields: list[str]) -> None:
+    if as_json:
+        _print_json(value)
+        return
+    width = max(len(name) for name in fields) + 2
+    for name in fields:
+        v = getattr(value, name, None)
+        if isinstance(v, BaseModel):
+            v = v.model_dump(exclude_none=True)
+        if v not in (None, [], {}):
+            shown = _when(v) if name in ("created_at", "finished_at", "revoked_at") else v
+            out.print(f"{name + ':':<{width}}{shown}", markup=False)
+
+
+# --------------------------------------------------------------------------- stack
+
+
+@app.command()
+def up(
+    port: Annotated[Optional[int], typer.Option(help="API port (default 8000).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where SQLite, objects and secrets live.")] = None,
+    serving: Annotated[bool, typer.Option(help="Deploy the serving application on the local Ray.")] = True,
+    serve_port: Annotated[int, typer.Option(help="Serving port.")] = 8001,
+    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs for the local Ray.")] = None,
+) -> None:
+    """Start the embedded stack (SQLite, local object store, local Ray, API, scheduler, serving)."""
+    try:
+        from service.embedded import embedded_settings, run_stack
+    except ImportError as exc:
+        raise LoraFleetError(f"the control plane is not installed ({exc}); install the `lorafleet` "
+                             "server package (pip install -e . in the repository)") from None
+    overrides = {k: v for k, v in {"port": port, "data_dir": data_dir}.items() if v is not None}
+    settings = embedded_settings(**overrides)
+
+    def ready(s: Any) -> None:
+        url = f"http://{s.host}:{s.port}"
+        out.print(f"LoRA Fleet is up at {url}  (serving: {s.serve_url or 'off'})", markup=False)
+        out.print(f"export LORAFLEET_BASE_URL={url}", markup=False)
+        out.print(f"export LORAFLEET_ADMIN_TOKEN={s.admin_token.get_secret_value()}", markup=False)
+        err.print("Ctrl-C stops the API and scheduler.")
+
+    try:
+        run_stack(settings, serving=serving, serve_port=serve_port, num_cpus=num_cpus, on_ready=ready)
+    except RuntimeError as exc:  # Ray or serving could not start: the reason, not a traceback
+        raise LoraFleetError(f"the stack did not start: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def demo() -> None:
+    """The whole story: two tenants, a LoRA and a QLoRA fine-tune, answers side by side."""
+    try:
+        from service.demo import main as demo_main
+    except ImportError as exc:
+        raise LoraFleetError(f"the demo needs the control plane package ({exc})") from None
+    code = demo_main()
+    raise typer.Exit(code if isinstance(code, int) else 0)
+
+
+# --------------------------------------------------------------------------- admin
+
+
+@tenant_app.command("create")
+def tenant_create(
+    ctx: typer.Context, name: str,
+    max_concurrent_jobs: Annotated[Optional[int], typer.Option()] = None,
+    max_queued_jobs: Annotated[Optional[int], typer.Option()] = None,
+    requests_per_minute: Annotated[Optional[int], typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a tenant."""
+    tenant = _client(ctx).admin.tenants.create(
+        name, max_concurrent_jobs=max_concurrent_jobs, max_queued_jobs=max_queued_jobs,
+        requests_per_minute=requests_per_minute)
+    _show(tenant, as_json, ["id", "name", "status", "max_concurrent_jobs", "max_queued_jobs",
+                            "requests_per_minute", "created_at"])
+
+
+@tenant_app.command("list")
+def tenant_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List tenants."""
+    tenants = list(_client(ctx).admin.tenants.list())
+    if as_json:
+        return _print_json(tenants)
+    _table(tenants, {"ID": "id", "NAME": "name", "STATUS": "status",
+                     "CREATED": lambda t: _when(t.created_at)})
+
+
+@key_app.command("create")
+def key_create(ctx: typer.Context, tenant_id: str,
+               name: Annotated[Optional[str], typer.Option(help="A label for the key.")] = None,
+               as_json: JsonOpt = False) -> None:
+    """Create an API key for a tenant; the secret is shown once."""
+    key = _client(ctx).admin.api_keys.create(tenant_id, name=name)
+    if as_json:
+        return _print_json(key)
+    out.print(f"id:   {key.id}", markup=False)
+    out.print(f"key:  {key.key}", markup=False)
+    err.print("Store the key now: it is not shown again.")
+
+
+@key_app.command("list")
+def key_list(ctx: typer.Context, tenant_id: str, as_json: JsonOpt = False) -> None:
+    """List a tenant's API keys (never the secrets)."""
+    keys = list(_client(ctx).admin.api_keys.list(tenant_id))
+    if as_json:
+        return _print_json(keys)
+    _table(keys, {"ID": "id", "NAME": lambda k: k.name or "-", "PREFIX": lambda k: k.prefix or "-",
+                  "REVOKED": lambda k: _when(k.revoked_at)})
+
+
+@key_app.command("revoke")
+def key_revoke(ctx: typer.Context, key_id: str, as_json: JsonOpt = False) -> None:
+    """Revoke an API key."""
+    _show(_client(ctx).admin.api_keys.revoke(key_id), as_json, ["id", "name", "revoked_at"])
+
+
+# --------------------------------------------------------------------------- files
+
+
+@files_app.command("upload")
+def files_upload(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a JSONL dataset (validated on upload: bad lines are listed)."""
+    f = _client(ctx).files.create(path)
+    _show(f, as_json, ["id", "filename", "bytes", "format", "examples", "status", "sha256"])
+
+
+@files_app.command("list")
+def files_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List uploaded files."""
+    files = list(_client(ctx).files.list())
+    if as_json:
+        return _print_json(files)
+    _table(files, {"ID": "id", "FILENAME": "filename", "BYTES": "bytes", "FORMAT": "format",
+                   "EXAMPLES": "examples", "CREATED": lambda f: _when(f.created_at)})
+
+
+@files_app.command("get")
+def files_get(ctx: typer.Context, file_id: str, as_json: JsonOpt = False) -> None:
+    """Show one file."""
+    _show(_client(ctx).files.retrieve(file_id), as_json,
+          ["id", "filename", "bytes", "format", "examples", "status", "sha256", "created_at"])
+
+
+@files_app.command("delete")
+def files_delete(ctx: typer.Context, file_id: str) -> None:
+    """Delete a file."""
+    _client(ctx).files.delete(file_id)
+    out.print(f"deleted {file_id}", markup=False)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _parse_hp(values: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {item!r}", param_hint="--hp")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw  # a bare string such as all-linear
+    return params
+
+
+JOB_FIELDS = ["id", "status", "model", "fine_tuned_model", "training_file", "validation_file",
+              "user_provided_suffix", "trained_tokens", "error", "created_at", "finished_at"]
+
+
+@jobs_app.command("create")
+def jobs_create(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Base model id, e.g. lorafleet/tiny-llama.")],
+    file: Annotated[str, typer.Option("--file", help="Training file id (file-…).")],
+    method: Annotated[str, typer.Option(help="lora or qlora.")] = "lora",
+    validation_file: Annotated[Optional[str], typer.Option(help="Validation file id.")] = None,
+    suffix: Annotated[Optional[str], typer.Option(help="Goes into the adapter id.")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    hp: Annotated[list[str], typer.Option("--hp", help="Hyperparameter key=value (repeatable).")] = [],  # noqa: B006
+    wait: Annotated[bool, typer.Option("--wait", help="Follow progress until the job ends.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a LoRA / QLoRA fine-tune."""
+    if method not in ("lora", "qlora"):
+        raise typer.BadParameter("must be 'lora' or 'qlora'", param_hint="--method")
+    client = _client(ctx)
+    job = client.fine_tuning.jobs.create(model=model, training_file=file, method=method,
+                                         hyperparameters=_parse_hp(hp), validation_file=validation_file,
+                                         suffix=suffix, seed=seed)
+    if wait:
+        print(f"created {job.id}; following its progress (Ctrl-C stops watching, not the job)",
+              file=sys.stderr, flush=True)
+        job = client.fine_tuning.jobs.wait(job.id, progress=True)
+    _show(job, as_json, JOB_FIELDS)
+
+
+@jobs_app.command("list")
+def jobs_list(ctx: typer.Context,
+              status: Annotated[Optional[str], typer.Option(help="Only jobs in this status.")] = None,
+              limit: Annotated[Optional[int], typer.Option(help="At most this many.")] = None,
+              as_json: JsonOpt = False) -> None:
+    """List fine-tuning jobs, newest first."""
+    jobs = []
+    for job in _client(ctx).fine_tuning.jobs.list(status=status, limit=min(limit, 100) if limit else None):
+        jobs.append(job)
+        if limit and len(jobs) >= limit:
+            break
+    if as_json:
+        return _print_json(jobs)
+    _table(jobs, {"ID": "id", "STATUS": "status", "MODEL": "model",
+                  "ADAPTER": lambda j: j.fine_tuned_model or "-", "CREATED": lambda j: _when(j.created_at)})
+
+
+@jobs_app.command("get")
+def jobs_get(ctx: typer.Context, job_id: str, as_json: JsonOpt = False) -> None:
+    """Show one job."""
+    _show(_client(ctx).fine_tuning.jobs.retrieve(job_id), as_json, JOB_FIELDS)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: str, as_json: JsonOpt = False) -> None:
+    """Cancel a queued or running job."""
+    _show(_client(ctx).fine_tuning.jobs.cancel(job_id), as_json, ["id", "status"])
+
+
+def _event_line(event: FineTuningJobEvent) -> str:
+    data = ""
+    if event.data:
+        data = "  " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in event.data.items())
+    return f"{_when(event.created_at)}  {event.level:<5} {event.type:<10} {event.message}{data}"
+
+
+@jobs_app.command("events")
+def jobs_events(ctx: typer.Context, job_id: str,
+                follow: Annotated[bool, typer.Option("--follow", "-f",
+                                                     help="Keep following until the job ends.")] = False,
+                as_json: JsonOpt = False) -> None:
+    """A job's events, oldest first (JSON: an array; with --follow one object per line)."""
+    client = _client(ctx)
+    if follow:
+        def emit(event: FineTuningJobEvent) -> None:
+            print(event.model_dump_json() if as_json else _event_line(event), flush=True)
+
+        try:
+            client.fine_tuning.jobs.wait(job_id, progress=False, on_event=emit)
+        except JobWaitError:
+            pass  # failed / cancelled: the events said so, and following them worked
+        return
+    events = list(client.fine_tuning.jobs.list_events(job_id, order="asc", limit=100))
+    if as_json:
+        return _print_json(events)
+    for event in events:
+        out.print(_event_line(event), markup=False)
+
+
+# --------------------------------------------------------------------------- models, adapters, chat
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Base models and your adapters."""
+    models = list(_client(ctx).models.list())
+    if as_json:
+        return _print_json(models)
+    _table(models, {"ID": "id", "OWNED BY": "owned_by", "CREATED": lambda m: _when(m.created)})
+
+
+@models_app.command("delete")
+def models_delete(ctx: typer.Context, model_id: str) -> None:
+    """Delete one of your adapters."""
+    _client(ctx).models.delete(model_id)
+    out.print(f"deleted {model_id}", markup=False)
+
+
+@adapters_app.command("download")
+def adapters_download(ctx: typer.Context, adapter_id: str,
+                      dest: Annotated[Optional[Path],
+                                      typer.Option(help="Folder (default ./ADAPTER_ID).")] = None) -> None:
+    """Download an adapter (checksums verified) into a folder PeftModel.from_pretrained loads."""
+    folder = _client(ctx).adapters.download(adapter_id, dest)
+    out.print(str(folder), markup=False)
+
+
+@app.command()
+def chat(ctx: typer.Context, prompt: str,
+         model: Annotated[str, typer.Option(help="An adapter id of yours or a base model id.")],
+         system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
+         max_tokens: Annotated[int, typer.Option()] = 128,
+         temperature: Annotated[Optional[float], typer.Option()] = None,
+         as_json: JsonOpt = False) -> None:
+    """Ask a model; the answer streams as it is generated."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    client = _client(ctx)
+    if as_json:
+        return _print_json(client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=temperature))
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True,
+                                            max_tokens=max_tokens, temperature=temperature)
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                sys.stdout.write(choice.delta.content)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _fail(lines: list[str], code: int = 1) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except APIStatusError as exc:
+        lines = [f"error: {exc.code or exc.status_code}: {exc.message}"]
+        for item in exc.errors:
+            lines.append(f"  line {item.get('line')}: {item.get('reason')}")
+        _fail(lines)
+    except APIConnectionError as exc:
+        _fail([f"error: connection_error: {exc.message}"])
+    except JobWaitError as exc:
+        _fail([f"error: {exc}"])
+    except (LoraFleetError, OSError) as exc:
+        _fail([f"error: {exc}"])
+    except KeyboardInterrupt:
+        _fail(["interrupted"], 130)
+
+
+if __name__ == "__main__":
+    main()

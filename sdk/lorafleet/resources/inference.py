@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Any
+
+from ..types import ChatCompletion, ChatCompletionChunk, Completion
+from ._base import Resource, drop_none
+
+
+class ChatCompletions(Resource):
+    def create(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False,
+               max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, stop: str | list[str] | None = None,
+               seed: int | None = None, **extra: Any):
+        """A ChatCompletion, or with ``stream=True`` a stream of ChatCompletionChunk."""
+        body = drop_none(model=model, messages=messages, max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, **extra)
+        if stream:
+            body["stream"] = True
+            return self._client._stream(
+                self._core.request("POST", "/v1/chat/completions", json=body, stream=True),
+                ChatCompletionChunk.model_validate)
+        return self._client._run(self._core.request("POST", "/v1/chat/completions", json=body,
+                                                    cast=ChatCompletion.model_validate))
+
+
+class Chat(Resource):
+    def __init__(self, client):
+        super().__init__(client)
+        self.completions = ChatCompletions(client)
+
+
+class Completions(Resource):
+    def create(self, *, model: str, prompt: str | list[str], stream: bool = False,
+               max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, stop: str | list[str] | None = None,
+               seed: int | None = None, **extra: Any):
+        """A Completion, or with ``stream=True`` a stream of Completion chunks."""
+        body = drop_none(model=model, prompt=prompt, max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, **extra)
+        if stream:
+            body["stream"] = True
+            return self._client._stream(
+                self._core.request("POST", "/v1/completions", json=body, stream=True),
+                Completion.model_validate)
+        return self._client._run(self._core.request("POST", "/v1/completions", json=body,
+                                                    cast=Completion.model_validate))

@@ -1,0 +1,59 @@
+"""Stand-in for the serving application behind the control plane's inference proxy: it answers
+with the routing the control plane attached, so tests see which adapter a request reached."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+app = FastAPI()
+
+
+@app.get("/healthz")
+def healthz() -> dict:
+    return {"ok": True}
+
+
+def _answer(body: dict) -> list[str]:
+    adapter = (body.get("lorafleet") or {}).get("adapter")
+    return ["Ahoy", " from ", adapter["id"] if adapter else "base"]
+
+
+@app.post("/v1/chat/completions")
+async def chat(request: Request):
+    body = await request.json()
+    words, model = _answer(body), body["model"]
+    if not body.get("stream"):
+        return JSONResponse({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": "".join(words)}}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}})
+
+    def events():
+        for word in words:
+            chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                     "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@app.post("/v1/completions")
+async def completions(request: Request):
+    body = await request.json()
+    words, model = _answer(body), body["model"]
+    if not body.get("stream"):
+        return JSONResponse({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
+                             "choices": [{"index": 0, "text": "".join(words), "finish_reason": "stop"}]})
+
+    def events():
+        for word in words:
+            chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
+                     "choices": [{"index": 0, "text": word, "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
