@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from e2e_stack import Stack
 
 DEMO = Path(__file__).resolve().parents[2] / "workers" / "data" / "demo"
 
@@ -120,4 +123,40 @@ def test_lora_and_qlora_jobs_succeed_and_the_adapters_change_answers(stack, tmp_
     tuned = PeftModel.from_pretrained(base, folder)
     after = answer(tuned)
     assert after != before
-    assert "Arr" in after, after
+    assert any(word in after for word in ("Arr", "matey", "Yo ho")), after
+    assert not any(word in before for word in ("Arr", "matey", "Yo ho")), before
+
+
+def test_server_killed_mid_run_every_job_ends_once(ray_cluster, tmp_path_factory):
+    """kill -9 of the server (API + scheduler) while jobs are queued and running: after a restart
+    every job reaches a terminal state, none is lost and none ran twice."""
+    from service.launcher import RayJobLauncher, RunState, submission_id
+
+    stack = Stack(tmp_path_factory.mktemp("killed"), ray_cluster["dashboard"])
+    stack.start()
+    try:
+        client = stack.tenant("crashy")
+        file_id = _upload(client, "pirate_chat.jsonl", lines=48)
+        jobs = [_create(client, file_id, "lora", n_epochs=1) for _ in range(3)]
+        # Wait until one run reports progress, then kill the server without warning.
+        deadline = time.monotonic() + 300
+        while not any(e["type"] == "metrics" for j in jobs for e in _events(client, j)):
+            assert time.monotonic() < deadline, "no run reported progress"
+            time.sleep(1)
+        statuses = {j: client.get(f"/v1/fine_tuning/jobs/{j}").json()["status"] for j in jobs}
+        assert "running" in statuses.values() and "queued" in statuses.values(), statuses
+        stack.kill9()
+        time.sleep(3)  # runs keep going (and retry their reports) while the server is down
+        stack.start()
+        client = httpx.Client(base_url=stack.url, headers=client.headers, timeout=60)
+        final = _wait(client, jobs)
+        assert all(s[-1] == "succeeded" for s in final.values()), (final, (stack.data_dir / "server.log").read_text()[-3000:])
+        ray = RayJobLauncher(ray_cluster["dashboard"])
+        for job_id in jobs:
+            starts = [e for e in _events(client, job_id)
+                      if e["type"] == "status" and (e["data"] or {}).get("to") == "running"]
+            assert len(starts) == 1, f"{job_id} started {len(starts)} times"
+            assert ray.state(submission_id(job_id, 1)) is RunState.SUCCEEDED
+            assert ray.state(submission_id(job_id, 2)) is RunState.UNKNOWN
+    finally:
+        stack.stop()
