@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     # How long a tenant key → tenant lookup is cached (revocations in other replicas lag this much).
     auth_cache_ttl_s: float = Field(5.0, ge=0)
+    # Worker threads per API process for database reads (bench/api_load.py: a few keep the
+    # database busy; dozens only contend for the GIL and stretch the latency tail).
+    db_read_threads: int = Field(8, ge=1, le=256)
     # Timeout for calls proxied to the serving application.
     serve_timeout_s: float = Field(300.0, gt=0)
     # Runs of one job (first + retries after a crashed run) before it fails with worker_lost.

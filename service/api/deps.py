@@ -1,0 +1,116 @@
+"""Dependencies every route declares through ``Annotated`` aliases.
+
+Tenant scoping lives here: ``CurrentTenant`` authenticates the key, refuses a disabled tenant
+and applies the tenant's rate limit, and handlers only ever query with its ``tenant_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from service.api.auth import TenantPrincipal, check_principal
+from service.errors import Forbidden, Unauthorized
+from service.security import is_admin_token, is_valid_job_token
+from service.settings import Settings
+from service.tenants.repository import hash_key
+from workers.storage import ObjectStore
+
+_tenant_key = HTTPBearer(auto_error=False, scheme_name="TenantKey",
+                         description="A tenant API key (lf-…)")
+_admin_token = HTTPBearer(auto_error=False, scheme_name="AdminToken",
+                          description="LORAFLEET_ADMIN_TOKEN")
+_job_token = HTTPBearer(auto_error=False, scheme_name="JobToken",
+                        description="The job-scoped worker token")
+
+Credentials = HTTPAuthorizationCredentials | None
+T = TypeVar("T")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+class ReadDatabase:
+    """Reads for ``async`` handlers: ``await db.run(repository_fn, **kwargs)``.
+
+    Each call borrows an autocommit session in a worker thread and gives its connection back
+    before the handler goes on. (A sync handler holding a session until dependency teardown
+    can deadlock FastAPI's thread pool against the connection pool under load: the response
+    of a sync handler is serialised in the same pool.) Reads get their own small limiter:
+    a few threads keep the database busy, while dozens only fight over the GIL and stretch
+    the latency tail.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], *, max_threads: int):
+        self._factory = factory
+        self._limiter = anyio.CapacityLimiter(max_threads)
+
+    async def run(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        return await anyio.to_thread.run_sync(self._call, fn, kwargs, limiter=self._limiter)
+
+    def _call(self, fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        with self._factory() as session:
+            return fn(session, **kwargs)
+
+
+def get_read_db(request: Request) -> ReadDatabase:
+    return request.app.state.read_db
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # A Session connects lazily, so creating it here costs nothing; handlers commit explicitly.
+    session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+async def current_tenant(request: Request,
+                         creds: Annotated[Credentials, Depends(_tenant_key)]) -> TenantPrincipal:
+    if creds is None:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer lf-…'")
+    cache = request.app.state.principals
+    key_hash = hash_key(creds.credentials)
+    hit, principal = cache.cached(key_hash)
+    if not hit:
+        principal = await run_in_threadpool(cache.load, key_hash)
+    principal = check_principal(principal)
+    request.app.state.rate_limiter.take(principal.tenant_id, principal.requests_per_minute)
+    return principal
+
+
+async def require_admin(request: Request, creds: Annotated[Credentials, Depends(_admin_token)]) -> None:
+    if creds is None:
+        raise Unauthorized("missing admin token")
+    if not is_admin_token(creds.credentials, request.app.state.settings):
+        raise Forbidden("not an admin token")
+
+
+async def job_from_token(request: Request, job_id: Annotated[str, Path(max_length=64)],
+                         creds: Annotated[Credentials, Depends(_job_token)]) -> str:
+    """The job id of an internal route, once the caller proved it holds that job's token."""
+    if creds is None or not is_valid_job_token(creds.credentials, job_id, request.app.state.settings):
+        raise Unauthorized("missing or invalid job token")
+    return job_id
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+SessionDep = Annotated[Session, Depends(get_session)]
+ReadDB = Annotated[ReadDatabase, Depends(get_read_db)]
+CurrentTenant = Annotated[TenantPrincipal, Depends(current_tenant)]
+AdminDep = Depends(require_admin)
+JobIdFromToken = Annotated[str, Depends(job_from_token)]

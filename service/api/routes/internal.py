@@ -1,0 +1,100 @@
+"""Worker → control plane: progress events, checkpoints, the result, failures, status polls.
+
+Authenticated by the job-scoped token (service.security.job_token): a worker can only touch its
+own job, and holds no database credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field, field_validator
+
+from service.api.deps import JobIdFromToken, ReadDB, SessionDep, StoreDep
+from service.api.schemas.common import Strict
+from service.api.schemas.jobs import CheckpointPublic
+from service.errors import ValidationFailed
+from service.ids import now
+from service.jobs import repository as jobs
+from service.jobs import states
+from service.jobs.naming import checkpoint_prefix
+from service.jobs.results import commit_result
+from workers.spec import PLATFORM_ERROR_CODES, USER_ERROR_CODES, CheckpointReport, JobEvent, TrainResult
+
+router = APIRouter(prefix="/internal/v1/jobs/{job_id}", tags=["internal"])
+
+
+class EventBatch(Strict):
+    events: Annotated[list[JobEvent], Field(min_length=1, max_length=1000)]
+
+
+class FailureReport(Strict):
+    code: str
+    message: Annotated[str, Field(max_length=10_000)]
+    param: Annotated[str, Field(max_length=200)] | None = None
+
+    @field_validator("code")
+    @classmethod
+    def _known(cls, code: str) -> str:
+        if code not in USER_ERROR_CODES | PLATFORM_ERROR_CODES:
+            raise ValueError(f"unknown error code; use one of {sorted(USER_ERROR_CODES | PLATFORM_ERROR_CODES)}")
+        return code
+
+
+class ResultAccepted(BaseModel):
+    adapter_id: str
+
+
+class JobStatus(BaseModel):
+    status: Literal[states.JOB_STATUSES]  # type: ignore[valid-type]
+
+
+@router.post("/events", status_code=204)
+def post_events(job_id: JobIdFromToken, body: EventBatch, session: SessionDep) -> Response:
+    job = jobs.get_job(session, job_id=job_id)
+    jobs.add_events(session, job_id=job_id, events=[e.model_dump() for e in body.events])
+    # The latest ETA a worker reports becomes the job's estimated_finish.
+    etas = [e.data["eta_s"] for e in body.events
+            if e.type == "metrics" and e.data and isinstance(e.data.get("eta_s"), int | float)]
+    if etas:
+        job.estimated_finish = now() + int(etas[-1])
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.post("/checkpoints", status_code=201)
+def post_checkpoint(job_id: JobIdFromToken, body: CheckpointReport, session: SessionDep) -> CheckpointPublic:
+    job = jobs.get_job(session, job_id=job_id)
+    if not body.key_prefix.startswith(checkpoint_prefix(job) + "/"):
+        raise ValidationFailed(f"key_prefix must be under {checkpoint_prefix(job)}/", param="key_prefix")
+    ckpt = jobs.add_checkpoint(session, job=job, step=body.step, key_prefix=body.key_prefix,
+                               metrics=body.metrics)
+    session.commit()
+    return CheckpointPublic.of(ckpt)
+
+
+@router.post("/result")
+def post_result(job_id: JobIdFromToken, body: TrainResult, session: SessionDep,
+                store: StoreDep) -> ResultAccepted:
+    job = jobs.get_job(session, job_id=job_id)
+    adapter = commit_result(session, store, job, body)
+    session.commit()
+    if adapter is None:
+        raise ValidationFailed(job.error_message or "adapter rejected", code="storage_error",
+                               param="manifest_key")
+    return ResultAccepted(adapter_id=adapter.id)
+
+
+@router.post("/failure", status_code=204)
+def post_failure(job_id: JobIdFromToken, body: FailureReport, session: SessionDep) -> Response:
+    job = jobs.get_job(session, job_id=job_id)
+    states.transition(session, job, states.FAILED, error_code=body.code, error_message=body.message,
+                      error_param=body.param, message=f"Job failed: {body.message}")
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.get("/status")
+async def get_status(job_id: JobIdFromToken, db: ReadDB) -> JobStatus:
+    return JobStatus(status=(await db.run(jobs.get_job, job_id=job_id)).status)

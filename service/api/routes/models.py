@@ -1,0 +1,87 @@
+"""Models (base models + the tenant's adapters, OpenAI-style) and adapter details / files."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import CurrentTenant, ReadDB, SessionDep, StoreDep
+from service.api.schemas.common import ListPage
+from service.api.schemas.models import AdapterPublic, ModelDeleted, ModelPublic
+from service.api.streams import iter_chunks
+from service.catalog import repository as catalog
+from service.db.models import Adapter, BaseModelRow
+from service.errors import Forbidden, NotFound
+from workers.storage import delete_prefix
+
+router = APIRouter(tags=["models"])
+
+BASE_OWNER = "lorafleet"
+
+
+def _resolve(session: Session, *, tenant_id: str, model_id: str) -> BaseModelRow | Adapter:
+    """A base model, or this tenant's adapter; anything else (another tenant's too) is NotFound."""
+    base = session.get(BaseModelRow, model_id)
+    if base is not None:
+        return base
+    return catalog.get_adapter_for_tenant(session, tenant_id=tenant_id, adapter_id=model_id)
+
+
+def _public(row: BaseModelRow | Adapter) -> ModelPublic:
+    owner = BASE_OWNER if isinstance(row, BaseModelRow) else row.tenant_id
+    return ModelPublic(id=row.id, created=row.created_at, owned_by=owner)
+
+
+def _all_models(session: Session, *, tenant_id: str) -> list[BaseModelRow | Adapter]:
+    rows: list[BaseModelRow | Adapter] = [*catalog.list_base_models(session)]
+    after = None
+    while True:  # adapters are few per tenant; page through them all, as OpenAI lists all models
+        page = catalog.list_adapters(session, tenant_id=tenant_id, after=after)
+        rows.extend(page.items)
+        if not page.has_more:
+            return rows
+        after = page.items[-1].id
+
+
+@router.get("/v1/models")
+async def list_models(tenant: CurrentTenant, db: ReadDB) -> ListPage[ModelPublic]:
+    rows = await db.run(_all_models, tenant_id=tenant.tenant_id)
+    return ListPage[ModelPublic].of([_public(r) for r in rows], has_more=False)
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, tenant: CurrentTenant, db: ReadDB) -> ModelPublic:
+    return _public(await db.run(_resolve, tenant_id=tenant.tenant_id, model_id=model_id))
+
+
+@router.delete("/v1/models/{model_id:path}")
+def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep) -> ModelDeleted:
+    row = _resolve(session, tenant_id=tenant.tenant_id, model_id=model_id)
+    if isinstance(row, BaseModelRow):
+        raise Forbidden("base models are shared and cannot be deleted by a tenant", param="model")
+    session.delete(row)
+    session.commit()
+    delete_prefix(store, row.key_prefix + "/")
+    return ModelDeleted(id=model_id)
+
+
+@router.get("/v1/adapters/{adapter_id}")
+async def get_adapter(adapter_id: str, tenant: CurrentTenant, db: ReadDB) -> AdapterPublic:
+    return AdapterPublic.of(await db.run(catalog.get_adapter_for_tenant, tenant_id=tenant.tenant_id,
+                                         adapter_id=adapter_id, param="adapter_id"))
+
+
+@router.get("/v1/adapters/{adapter_id}/files/{name}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def get_adapter_file(adapter_id: str, name: str, tenant: CurrentTenant, db: ReadDB,
+                           store: StoreDep) -> StreamingResponse:
+    adapter = await db.run(catalog.get_adapter_for_tenant, tenant_id=tenant.tenant_id,
+                           adapter_id=adapter_id, param="adapter_id")
+    entry = next((f for f in adapter.files if f["name"] == name), None)
+    if entry is None:  # only names from the manifest: no path tricks reach the store
+        raise NotFound(f"adapter {adapter_id} has no file {name!r}", param="name")
+    stream = await run_in_threadpool(store.open, f"{adapter.key_prefix}/{name}")
+    return StreamingResponse(iter_chunks(stream), media_type="application/octet-stream",
+                             headers={"Content-Length": str(entry["bytes"])})

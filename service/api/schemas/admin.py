@@ -1,0 +1,95 @@
+"""Admin bodies: tenants, API keys, base models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from service.api.schemas.common import Strict
+from service.db.models import ApiKey, BaseModelRow, Tenant
+
+Quota = Annotated[int, Field(ge=0, le=1_000_000)]
+Rate = Annotated[int, Field(ge=1, le=10_000_000)]
+MethodName = Literal["lora", "qlora"]
+
+
+class TenantCreate(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    max_concurrent_jobs: Quota | None = None
+    max_queued_jobs: Quota | None = None
+    requests_per_minute: Rate | None = None
+
+
+class TenantUpdate(Strict):
+    status: Literal["active", "disabled"] | None = None
+    max_concurrent_jobs: Quota | None = None
+    max_queued_jobs: Quota | None = None
+    requests_per_minute: Rate | None = None
+
+
+class TenantPublic(BaseModel):
+    id: str
+    object: Literal["tenant"] = "tenant"
+    name: str
+    status: str
+    max_concurrent_jobs: int
+    max_queued_jobs: int
+    requests_per_minute: int
+    created_at: int
+
+    @classmethod
+    def of(cls, t: Tenant) -> TenantPublic:
+        return cls(id=t.id, name=t.name, status=t.status, max_concurrent_jobs=t.max_concurrent_jobs,
+                   max_queued_jobs=t.max_queued_jobs, requests_per_minute=t.requests_per_minute,
+                   created_at=t.created_at)
+
+
+class ApiKeyCreate(Strict):
+    name: Annotated[str, Field(max_length=200)] | None = None
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    tenant_id: str
+    name: str | None
+    prefix: str
+    created_at: int
+    revoked_at: int | None
+
+    @classmethod
+    def of(cls, k: ApiKey) -> ApiKeyPublic:
+        return cls(id=k.id, tenant_id=k.tenant_id, name=k.name, prefix=k.prefix,
+                   created_at=k.created_at, revoked_at=k.revoked_at)
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str  # the secret: in this response only, never again
+
+
+class BaseModelCreate(Strict):
+    # No '/' at either end, none doubled, and no ':' (ids appear in URLs and adapter ids).
+    id: Annotated[str, Field(min_length=1, max_length=200,
+                             pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")]
+    source_uri: Annotated[str, Field(min_length=1, max_length=1000)]
+    architecture: Annotated[str, Field(max_length=64)] | None = None
+    methods: Annotated[list[MethodName], Field(min_length=1, max_length=2)] = ["lora", "qlora"]
+    max_rank: Annotated[int, Field(ge=1, le=1024)] = 64
+    quantization: Literal["nf4", "none"] | None = None
+
+
+class BaseModelPublic(BaseModel):
+    id: str
+    object: Literal["base_model"] = "base_model"
+    source_uri: str
+    architecture: str | None
+    methods: list[str]
+    max_rank: int
+    quantization: str | None
+    created_at: int
+
+    @classmethod
+    def of(cls, m: BaseModelRow) -> BaseModelPublic:
+        return cls(id=m.id, source_uri=m.source_uri, architecture=m.architecture, methods=m.methods,
+                   max_rank=m.max_rank, quantization=m.quantization, created_at=m.created_at)

@@ -1,0 +1,163 @@
+"""Fine-tuning job bodies: OpenAI's shapes, with LoRA / QLoRA as extra method types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from service.api.schemas.common import Strict
+from service.db.models import Checkpoint, Job, JobEventRow
+from service.jobs.repository import event_public_id
+from workers.spec import Hyperparameters, Resources
+
+# OpenAI's learning_rate_multiplier scales this (the chapter's default learning rate).
+BASE_LEARNING_RATE = 2e-4
+
+
+class MethodParams(Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class MethodIn(Strict):
+    # OpenAI's "supervised" is a LoRA fine-tune here.
+    type: Literal["lora", "qlora", "supervised"] = "lora"
+    lora: MethodParams | None = None
+    qlora: MethodParams | None = None
+    supervised: MethodParams | None = None
+
+    @model_validator(mode="after")
+    def _params_match_type(self) -> MethodIn:
+        for other in ("lora", "qlora", "supervised"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.{other} given but method.type is {self.type!r}")
+        return self
+
+
+class OpenAIHyperparameters(Strict):
+    """The top-level OpenAI hyperparameters, mapped onto ours."""
+
+    n_epochs: Annotated[int, Field(ge=1, le=100)] | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = "auto"
+
+
+class JobCreate(Strict):
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    training_file: Annotated[str, Field(min_length=1, max_length=64)]
+    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    suffix: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    method: MethodIn | None = None
+    hyperparameters: OpenAIHyperparameters | None = None
+    resources: Resources | None = None
+    integrations: Annotated[list[Any], Field(max_length=0)] | None = None  # accepted only empty
+
+    def resolved(self) -> tuple[str, Hyperparameters]:
+        """(method, hyperparameters): the method's own values over the OpenAI ones over defaults."""
+        method = self.method or MethodIn()
+        name = "lora" if method.type == "supervised" else method.type
+        values: dict[str, Any] = {}
+        if self.hyperparameters is not None:
+            top = self.hyperparameters
+            if top.n_epochs != "auto":
+                values["n_epochs"] = top.n_epochs
+            if top.batch_size != "auto":
+                values["batch_size"] = top.batch_size
+            if top.learning_rate_multiplier != "auto":
+                values["learning_rate"] = min(1.0, BASE_LEARNING_RATE * top.learning_rate_multiplier)
+        params = getattr(method, method.type)
+        if params is not None and params.hyperparameters is not None:
+            values.update(params.hyperparameters.model_dump(exclude_unset=True))
+        if self.seed is not None:
+            values["seed"] = self.seed
+        hp = Hyperparameters.model_validate(values)
+        # Stored with alpha resolved, so the job shows (and the worker gets) the number it used.
+        return name, hp.model_copy(update={"lora_alpha": hp.alpha})
+
+
+class JobError(BaseModel):
+    code: str
+    message: str | None
+    param: str | None
+
+
+class OpenAIHyperparametersOut(BaseModel):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    status: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    training_file: str
+    validation_file: str | None
+    hyperparameters: OpenAIHyperparametersOut
+    method: dict[str, Any]
+    resources: dict[str, Any]
+    seed: int
+    user_provided_suffix: str | None
+    metadata: dict[str, str] | None
+    error: JobError | None
+    trained_tokens: int | None
+    estimated_finish: int | None
+    result_files: list[str] = []
+    organization_id: str
+    integrations: list[Any] = []
+
+    @classmethod
+    def of(cls, j: Job) -> JobPublic:
+        hp = j.hyperparameters
+        return cls(
+            id=j.id, model=j.model, status=j.status, created_at=j.created_at,
+            finished_at=j.finished_at, fine_tuned_model=j.fine_tuned_model,
+            training_file=j.training_file, validation_file=j.validation_file,
+            hyperparameters=OpenAIHyperparametersOut(
+                n_epochs=hp["n_epochs"], batch_size=hp["batch_size"],
+                learning_rate_multiplier=hp["learning_rate"] / BASE_LEARNING_RATE),
+            method={"type": j.method, j.method: {"hyperparameters": hp}},
+            resources=j.resources, seed=j.seed, user_provided_suffix=j.suffix,
+            metadata=j.user_metadata,
+            error=JobError(code=j.error_code, message=j.error_message, param=j.error_param)
+            if j.error_code else None,
+            trained_tokens=j.trained_tokens, estimated_finish=j.estimated_finish,
+            organization_id=j.tenant_id)
+
+
+class EventPublic(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, e: JobEventRow) -> EventPublic:
+        return cls(id=event_public_id(e), created_at=e.created_at, level=e.level,
+                   message=e.message, type=e.type, data=e.data)
+
+
+class CheckpointPublic(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+    fine_tuned_model_checkpoint: str  # the object-store prefix holding a loadable adapter
+
+    @classmethod
+    def of(cls, c: Checkpoint) -> CheckpointPublic:
+        return cls(id=c.id, created_at=c.created_at, fine_tuning_job_id=c.job_id,
+                   step_number=c.step_number, metrics=c.metrics,
+                   fine_tuned_model_checkpoint=c.key_prefix)

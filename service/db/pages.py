@@ -1,0 +1,27 @@
+"""Cursor pagination shared by every list route: ``after`` is the id of the last row seen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Select
+from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+
+@dataclass
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool
+
+
+def fetch_page(session: Session, query: Select[Any], id_column: Any, *, after: Any | None,
+               limit: int, newest_first: bool = True) -> Page[Any]:
+    """Rows of ``query`` strictly past the cursor, in id order; one extra row tells ``has_more``."""
+    if after is not None:
+        query = query.where(id_column < after if newest_first else id_column > after)
+    query = query.order_by(id_column.desc() if newest_first else id_column.asc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    return Page(items=rows[:limit], has_more=len(rows) > limit)

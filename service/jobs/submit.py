@@ -1,0 +1,70 @@
+"""Creating and cancelling jobs: the rules a request must pass before a job enters the queue."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.catalog.repository import get_base_model
+from service.db.models import Job, Tenant
+from service.errors import QuotaExceeded, ValidationFailed
+from service.files.repository import get_file_for_tenant
+from service.jobs import repository as jobs
+from service.jobs import states
+from workers.spec import Hyperparameters, Resources
+
+
+def _usable_file(session: Session, *, tenant_id: str, file_id: str, param: str) -> None:
+    file = get_file_for_tenant(session, tenant_id=tenant_id, file_id=file_id, param=param)
+    if file.purpose != "fine-tune":
+        raise ValidationFailed(f"file {file_id} has purpose {file.purpose!r}, not 'fine-tune'",
+                               code="invalid_file_purpose", param=param)
+    if file.status != "processed":
+        raise ValidationFailed(f"file {file_id} is {file.status!r}, not 'processed'",
+                               code="file_not_ready", param=param)
+
+
+def submit_job(session: Session, *, tenant_id: str, model: str, training_file: str,
+               validation_file: str | None, method: str, hyperparameters: Hyperparameters,
+               resources: Resources, suffix: str | None, metadata: dict[str, str] | None,
+               method_type: str) -> Job:
+    """Validate everything, then create the job and move it validating_files → queued.
+
+    Raises NotFound / ValidationFailed / QuotaExceeded before anything is written.
+    """
+    base = get_base_model(session, model_id=model)
+    if method not in base.methods:
+        raise ValidationFailed(f"base model {model} does not allow method {method!r} "
+                               f"(allowed: {', '.join(base.methods)})", param="method.type")
+    if hyperparameters.r > base.max_rank:
+        raise ValidationFailed(f"r={hyperparameters.r} exceeds the maximum rank {base.max_rank} of {model}",
+                               code="invalid_hyperparameters",
+                               param=f"method.{method_type}.hyperparameters.r")
+    _usable_file(session, tenant_id=tenant_id, file_id=training_file, param="training_file")
+    if validation_file is not None:
+        _usable_file(session, tenant_id=tenant_id, file_id=validation_file, param="validation_file")
+
+    # Lock the tenant row so two concurrent creates cannot both take the last queue slot.
+    tenant = session.scalars(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).one()
+    pending = jobs.count_jobs(session, tenant_id=tenant_id, statuses=states.PENDING)
+    if pending >= tenant.max_queued_jobs:
+        raise QuotaExceeded(f"{pending} jobs already queued; the limit is {tenant.max_queued_jobs}",
+                            retry_after=60)
+
+    job = jobs.create_job(session, tenant_id=tenant_id, model=model, training_file=training_file,
+                          validation_file=validation_file, method=method,
+                          hyperparameters=hyperparameters.model_dump(mode="json"),
+                          resources=resources.model_dump(mode="json"), suffix=suffix,
+                          seed=hyperparameters.seed, metadata=metadata)
+    # Files are validated on upload, so this step only re-checks they are usable (done above).
+    states.transition(session, job, states.QUEUED, message="Files validated; job queued")
+    return job
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    """Queued work is dropped at once; a running one is asked to stop (the scheduler finishes it)."""
+    if job.status == states.CANCELLING:
+        return job
+    target = states.CANCELLING if job.status in states.ACTIVE else states.CANCELLED
+    states.transition(session, job, target, message="Cancellation requested")
+    return job

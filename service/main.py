@@ -1,0 +1,91 @@
+"""The control-plane API: ``create_app(settings)`` builds it, ``run()`` serves it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service.api import errors
+from service.api.auth import PrincipalCache, RateLimiter
+from service.api.deps import ReadDatabase
+from service.api.idempotency import IdempotencyMiddleware
+from service.api.metrics import ApiMetrics
+from service.api.middleware import RequestMiddleware
+from service.api.routes import admin, files, health, inference, internal, jobs, models
+from service.catalog.repository import DEFAULT_BASE_MODEL, ensure_base_model
+from service.db.migrate import upgrade_to_head
+from service.db.session import engine_from_settings, make_read_session_factory, make_session_factory
+from service.jobs.repository import count_jobs_by_status
+from service.settings import Settings, get_settings
+from workers.storage import ObjectStore, open_store
+
+
+def open_object_store(settings: Settings) -> ObjectStore:
+    def secret(value):
+        return value.get_secret_value() if value is not None else None
+
+    return open_store(settings.effective_object_store_url, endpoint_url=settings.s3_endpoint_url,
+                      region=settings.s3_region, access_key_id=secret(settings.s3_access_key_id),
+                      secret_access_key=secret(settings.s3_secret_access_key))
+
+
+def _prepare(settings: Settings, factory) -> None:
+    if settings.auto_migrate:
+        upgrade_to_head(settings.effective_database_url)
+    with factory() as session:
+        ensure_base_model(session, **{**DEFAULT_BASE_MODEL, "id": settings.default_base_model})
+        session.commit()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = engine_from_settings(settings)
+    factory = make_session_factory(engine)
+
+    read_factory = make_read_session_factory(engine)
+
+    def count_jobs() -> dict[str, int]:
+        with read_factory() as session:
+            return count_jobs_by_status(session)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_prepare, settings, factory)
+        async with httpx.AsyncClient(timeout=settings.serve_timeout_s) as client:
+            app.state.http = client
+            yield
+        engine.dispose()
+
+    app = FastAPI(title="LoRA Fleet", version="1", lifespan=lifespan,
+                  description="Multi-tenant LoRA / QLoRA fine-tuning and serving (OpenAI-compatible).")
+    app.state.settings = settings
+    app.state.session_factory = factory
+    app.state.read_session_factory = read_factory
+    app.state.read_db = ReadDatabase(read_factory, max_threads=settings.db_read_threads)
+    app.state.store = open_object_store(settings)
+    app.state.principals = PrincipalCache(read_factory, ttl_s=settings.auth_cache_ttl_s)
+    app.state.rate_limiter = RateLimiter()
+    app.state.metrics = ApiMetrics(count_jobs)
+
+    errors.install(app)
+    for module in (admin, files, jobs, models, inference, internal, health):
+        app.include_router(module.router)
+    # Added last = outermost: request ids and metrics see every response, replays included.
+    app.add_middleware(IdempotencyMiddleware, settings=settings, factory=factory,
+                       principals=app.state.principals)
+    app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def run() -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO)
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)

@@ -1,0 +1,67 @@
+"""Idempotency-Key replay / reuse, and the per-tenant rate limit."""
+
+from __future__ import annotations
+
+from api_helpers import ADMIN, CHAT_LINE, assert_problem, create_job, new_tenant, upload, uploaded_file
+
+
+def test_same_key_same_body_replays_the_first_response(client, tenant):
+    file_id = uploaded_file(client, tenant)
+    key = {"Idempotency-Key": "create-1"}
+    first = client.post("/v1/fine_tuning/jobs", headers={**tenant.headers, **key},
+                        json={"model": "lorafleet/tiny-llama", "training_file": file_id})
+    again = client.post("/v1/fine_tuning/jobs", headers={**tenant.headers, **key},
+                        json={"model": "lorafleet/tiny-llama", "training_file": file_id})
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json() and again.headers["idempotent-replayed"] == "true"
+    assert len(client.get("/v1/fine_tuning/jobs", headers=tenant.headers).json()["data"]) == 1
+
+    other = client.post("/v1/fine_tuning/jobs", headers={**tenant.headers, **key},
+                        json={"model": "lorafleet/tiny-llama", "training_file": file_id, "suffix": "x"})
+    assert_problem(other, 422, "idempotency_key_reused", "Idempotency-Key")
+    assert len(client.get("/v1/fine_tuning/jobs", headers=tenant.headers).json()["data"]) == 1
+
+
+def test_keys_are_per_tenant_and_uploads_ignore_the_boundary(client, tenant, other_tenant):
+    key = {"Idempotency-Key": "upload-1"}
+    a1 = upload(client, tenant, headers=key)
+    a2 = upload(client, tenant, headers=key)  # a new random multipart boundary: still a replay
+    b1 = upload(client, other_tenant, headers=key)
+    assert a1.status_code == a2.status_code == b1.status_code == 201
+    assert a1.json()["id"] == a2.json()["id"] != b1.json()["id"]
+    assert len(client.get("/v1/files", headers=tenant.headers).json()["data"]) == 1
+    assert_problem(upload(client, tenant, CHAT_LINE * 5, headers=key), 422, "idempotency_key_reused")
+
+
+def test_errors_are_replayed_but_nothing_is_created(client, tenant):
+    key = {"Idempotency-Key": "bad-1", **tenant.headers}
+    body = {"model": "lorafleet/tiny-llama", "training_file": "file-nope"}
+    first = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
+    again = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
+    assert first.status_code == again.status_code == 404 and first.json()["detail"] == again.json()["detail"]
+
+
+def test_rate_limit_is_429_with_retry_after(client):
+    t = new_tenant(client, requests_per_minute=3)
+    codes = [client.get("/v1/files", headers=t.headers).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    r = client.get("/v1/fine_tuning/jobs", headers=t.headers)
+    assert_problem(r, 429, "rate_limited")
+    assert 1 <= int(r.headers["retry-after"]) <= 20
+    # the limit is per tenant: others are unaffected
+    assert client.get("/v1/files", headers=new_tenant(client).headers).status_code == 200
+    client.patch(f"/v1/admin/tenants/{t.id}", json={"requests_per_minute": 1000}, headers=ADMIN)
+
+
+def test_quota_429_is_not_replayed_as_a_stored_answer(client):
+    t = new_tenant(client, max_queued_jobs=0)
+    file_id = uploaded_file(client, t)
+    key = {"Idempotency-Key": "q-1"}
+    r1 = client.post("/v1/fine_tuning/jobs", headers={**t.headers, **key},
+                     json={"model": "lorafleet/tiny-llama", "training_file": file_id})
+    assert_problem(r1, 429, "quota_exceeded")
+    client.patch(f"/v1/admin/tenants/{t.id}", json={"max_queued_jobs": 1}, headers=ADMIN)
+    r2 = client.post("/v1/fine_tuning/jobs", headers={**t.headers, **key},
+                     json={"model": "lorafleet/tiny-llama", "training_file": file_id})
+    assert r2.status_code == 201  # the retry really retried
+    assert create_job(client, t, file_id).status_code == 429
