@@ -2,15 +2,26 @@
 
 An ASGI middleware, because it must see the raw body and the finished response of any route.
 Keys are scoped per caller (tenant, admin, or job for worker routes). The body hash ignores the
-multipart boundary, which clients pick at random per attempt. Server errors, auth failures and
-429s are not stored: retrying those should really retry.
+multipart boundary, which clients pick at random per attempt.
+
+The key is reserved before the handler runs: a row with status 0 ("in flight"), inserted in its
+own transaction, so the primary key decides which of two concurrent attempts runs; the other
+gets 409 ``idempotency_key_in_flight`` with Retry-After and, retrying, the stored replay. The
+body is therefore read (spooled, bounded memory) before the handler sees it. The answer is
+stored before its last byte is sent, so a client that retries after the response never races
+it. Server errors, auth failures, 429s and streams are not stored: their reservation is deleted
+so a retry really retries; one older than ``IN_FLIGHT_TIMEOUT_S`` was abandoned by a crash and
+is taken over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from tempfile import SpooledTemporaryFile
 
+import anyio
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.auth import PrincipalCache
 from service.api.errors import problem_body, problem_response
 from service.db.models import IdempotencyKey
+from service.files.upload import ENVELOPE_BYTES
 from service.ids import now
 from service.security import bearer, is_admin_token, is_valid_job_token
 from service.settings import Settings
@@ -29,6 +41,10 @@ from service.tenants.repository import hash_key
 _NOT_STORED = {401, 403, 429}
 _INTERNAL = re.compile(r"^/internal/v1/jobs/([^/]+)/")
 MAX_KEY_LENGTH = 255
+IN_FLIGHT = 0  # status_code of a reserved key whose first attempt is still running
+IN_FLIGHT_TIMEOUT_S = 60
+_SPOOL_MEMORY = 1024 * 1024
+_CHUNK = 64 * 1024
 
 
 class _BodyHasher:
@@ -39,7 +55,6 @@ class _BodyHasher:
         match = re.search(r"boundary=\"?([^\";]+)", headers.get("content-type", ""))
         self._boundary = match.group(1).encode() if match else None
         self._tail = b""
-        self.complete = False
 
     def update(self, chunk: bytes, more: bool) -> None:
         if self._boundary is None:
@@ -49,10 +64,57 @@ class _BodyHasher:
             keep = 0 if not more else len(self._boundary) - 1
             self._tail = data[len(data) - keep:] if keep else b""
             self._sha.update(data[:len(data) - keep] if keep else data)
-        self.complete = not more
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
+
+
+class _Body:
+    """The request body read ahead of the handler: hashed, spooled, then handed on unchanged."""
+
+    def __init__(self, scope: Scope, headers: Headers, limit: int, spool: SpooledTemporaryFile[bytes]):
+        self.hasher = _BodyHasher(scope, headers)
+        self.file = spool
+        self.size, self.limit = 0, limit
+        self.complete = self.disconnected = False
+
+    async def read(self, receive: Receive) -> None:
+        """Read until the end, a disconnect, or past ``limit`` (the route then answers 413)."""
+        while not (self.complete or self.disconnected) and self.size <= self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                self.disconnected = True
+                return
+            chunk, more = message.get("body", b""), message.get("more_body", False)
+            self.hasher.update(chunk, more)
+            self.size += len(chunk)
+            if self.size > _SPOOL_MEMORY:  # on disk by now: keep file writes off the event loop
+                await run_in_threadpool(self.file.write, chunk)
+            else:
+                self.file.write(chunk)
+            self.complete = not more
+
+    def replay(self, receive: Receive) -> Receive:
+        """A ``receive`` that gives the spooled bytes first, then whatever is still unread."""
+        self.file.seek(0)
+        done = False
+
+        async def replaying() -> Message:
+            nonlocal done
+            if done:
+                return await receive()
+            if self.size > _SPOOL_MEMORY:
+                chunk = await run_in_threadpool(self.file.read, _CHUNK)
+            else:
+                chunk = self.file.read(_CHUNK)
+            more = self.file.tell() < self.size or not self.complete
+            if not chunk and more:  # spool drained, the rest is still with the client
+                done = True
+                return await receive()
+            done = not more
+            return {"type": "http.request", "body": chunk, "more_body": more}
+
+        return replaying
 
 
 class IdempotencyMiddleware:
@@ -74,48 +136,59 @@ class IdempotencyMiddleware:
         if caller is None:  # unauthenticated: let the route answer 401/403, remember nothing
             await self.app(scope, receive, send)
             return
-        stored = await run_in_threadpool(self._load, caller, key)
-        hasher = _BodyHasher(scope, headers)
-        if stored is not None:
-            while not hasher.complete:
-                message = await receive()
-                hasher.update(message.get("body", b""), message.get("more_body", False))
-            if hasher.hexdigest() != stored.request_hash:
+        with SpooledTemporaryFile(max_size=_SPOOL_MEMORY) as spool:
+            body = _Body(scope, headers, self.settings.max_upload_bytes + ENVELOPE_BYTES, spool)
+            await body.read(receive)
+            if body.disconnected:
+                return
+            if not body.complete:  # too large to be anything but a 413: nothing to remember
+                await self.app(scope, body.replay(receive), send)
+                return
+            request_hash = body.hasher.hexdigest()
+            reserved, stored = await run_in_threadpool(self._reserve, caller, key, request_hash)
+            if reserved:
+                await self._first_attempt(scope, body.replay(receive), send, stored)
+            elif stored.request_hash != request_hash:
                 await self._reject(scope, receive, send, "idempotency_key_reused",
                                    "this Idempotency-Key was used with a different request body")
-                return
-            response = Response(stored.body, status_code=stored.status_code,
-                                media_type=stored.content_type,
-                                headers={"Idempotent-Replayed": "true"})
-            await response(scope, receive, send)
-            return
-        await self._first_attempt(scope, receive, send, caller, key, hasher)
+            elif stored.status_code == IN_FLIGHT:
+                await self._in_flight(scope, receive, send)
+            else:
+                await Response(stored.body, status_code=stored.status_code, media_type=stored.content_type,
+                               headers={"Idempotent-Replayed": "true"})(scope, receive, send)
 
-    async def _first_attempt(self, scope: Scope, receive: Receive, send: Send, caller: str,
-                             key: str, hasher: _BodyHasher) -> None:
-        status, content_type, body, streaming = 0, None, bytearray(), False
+    async def _first_attempt(self, scope: Scope, receive: Receive, send: Send, held: IdempotencyKey) -> None:
+        status, content_type, body, keep, settled = 0, None, bytearray(), False, False
 
-        async def hashing_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                hasher.update(message.get("body", b""), message.get("more_body", False))
-            return message
+        async def settle(store: bool) -> None:
+            nonlocal settled
+            with anyio.CancelScope(shield=True):  # a reservation must not outlive its request
+                if store:
+                    await run_in_threadpool(self._store, held, status, content_type, bytes(body))
+                else:
+                    await run_in_threadpool(self._release, held)
+            settled = True
 
         async def capturing_send(message: Message) -> None:
-            nonlocal status, content_type, streaming
+            nonlocal status, content_type, keep
             if message["type"] == "http.response.start":
                 status = message["status"]
                 content_type = Headers(raw=message.get("headers", [])).get("content-type")
                 streaming = (content_type or "").startswith(("text/event-stream", "application/octet-stream"))
-            elif message["type"] == "http.response.body" and not streaming:
+                keep = not streaming and status < 500 and status not in _NOT_STORED
+                if not keep:
+                    await settle(store=False)
+            elif message["type"] == "http.response.body" and keep:
                 body.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await settle(store=True)
             await send(message)
 
-        await self.app(scope, hashing_receive, capturing_send)
-        # Only a response to the whole body can be replayed for that body.
-        if hasher.complete and not streaming and status < 500 and status not in _NOT_STORED:
-            await run_in_threadpool(self._save, caller, key, hasher.hexdigest(), status,
-                                    content_type, bytes(body))
+        try:
+            await self.app(scope, receive, capturing_send)
+        finally:
+            if not settled:  # the handler raised, or never answered in full
+                await settle(store=False)
 
     def _caller(self, scope: Scope, headers: Headers) -> str | None:
         token = bearer(headers.get("authorization"))
@@ -133,23 +206,57 @@ class IdempotencyMiddleware:
             principal = self.principals.load(key_hash)
         return principal.tenant_id if principal is not None else None
 
-    def _load(self, caller: str, key: str) -> IdempotencyKey | None:
+    def _reserve(self, caller: str, key: str, request_hash: str) -> tuple[bool, IdempotencyKey]:
+        """(True, our reservation) when this attempt now holds the key, else (False, the holder)."""
         with self.factory() as session:
-            return session.get(IdempotencyKey, (caller, key))
-
-    def _save(self, caller: str, key: str, request_hash: str, status: int,
-              content_type: str | None, body: bytes) -> None:
-        with self.factory() as session:
-            session.add(IdempotencyKey(scope=caller, key=key, request_hash=request_hash,
-                                       status_code=status, content_type=content_type,
-                                       body=body.decode("utf-8", errors="replace"), created_at=now()))
-            try:
+            for _ in range(3):
+                mine = IdempotencyKey(scope=caller, key=key, request_hash=request_hash,
+                                      status_code=IN_FLIGHT, content_type=None, body="", created_at=now())
+                session.add(mine)
+                try:
+                    session.commit()
+                    return True, mine
+                except IntegrityError:  # held: by a finished attempt or one in flight
+                    session.rollback()
+                row = session.get(IdempotencyKey, (caller, key))
+                if row is None:  # released meanwhile: try again
+                    continue
+                if row.status_code != IN_FLIGHT or row.created_at > now() - IN_FLIGHT_TIMEOUT_S:
+                    return False, row
+                # Abandoned by a crashed attempt. Only the one whose delete matches takes over.
+                session.execute(delete(IdempotencyKey).where(
+                    IdempotencyKey.scope == caller, IdempotencyKey.key == key,
+                    IdempotencyKey.status_code == IN_FLIGHT, IdempotencyKey.created_at == row.created_at))
                 session.commit()
-            except IntegrityError:  # a concurrent first attempt with the same key stored first
-                session.rollback()
+                session.expunge_all()
+        return False, IdempotencyKey(scope=caller, key=key, request_hash=request_hash, status_code=IN_FLIGHT)
+
+    @staticmethod
+    def _ours(held: IdempotencyKey):
+        """Our reservation only: after a takeover, the row belongs to another attempt."""
+        return (IdempotencyKey.scope == held.scope, IdempotencyKey.key == held.key,
+                IdempotencyKey.status_code == IN_FLIGHT, IdempotencyKey.created_at == held.created_at)
+
+    def _store(self, held: IdempotencyKey, status: int, content_type: str | None, body: bytes) -> None:
+        with self.factory() as session:
+            session.execute(update(IdempotencyKey).where(*self._ours(held)).values(
+                status_code=status, content_type=content_type, body=body.decode("utf-8", errors="replace")))
+            session.commit()
+
+    def _release(self, held: IdempotencyKey) -> None:
+        with self.factory() as session:
+            session.execute(delete(IdempotencyKey).where(*self._ours(held)))
+            session.commit()
 
     @staticmethod
     async def _reject(scope: Scope, receive: Receive, send: Send, code: str, detail: str) -> None:
         body = problem_body(422, code=code, detail=detail, param="Idempotency-Key",
                             request_id=scope.get("state", {}).get("request_id"))
         await problem_response(422, body)(scope, receive, send)
+
+    @staticmethod
+    async def _in_flight(scope: Scope, receive: Receive, send: Send) -> None:
+        body = problem_body(409, code="idempotency_key_in_flight", param="Idempotency-Key",
+                            detail="a request with this Idempotency-Key is still being processed; retry shortly",
+                            request_id=scope.get("state", {}).get("request_id"))
+        await problem_response(409, body, headers={"Retry-After": "1"})(scope, receive, send)

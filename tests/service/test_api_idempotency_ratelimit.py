@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
+
+import httpx
+import sqlalchemy as sa
 from api_helpers import ADMIN, CHAT_LINE, assert_problem, create_job, new_tenant, upload, uploaded_file
+
+from service.api.idempotency import IN_FLIGHT, IN_FLIGHT_TIMEOUT_S
+from service.db.models import IdempotencyKey, Tenant
+from service.ids import now
 
 
 def test_same_key_same_body_replays_the_first_response(client, tenant):
@@ -39,6 +48,75 @@ def test_errors_are_replayed_but_nothing_is_created(client, tenant):
     first = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
     again = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
     assert first.status_code == again.status_code == 404 and first.json()["detail"] == again.json()["detail"]
+
+
+def _post_together(url: str, headers: dict[str, str], body: dict, n: int = 8) -> list[httpx.Response]:
+    """``n`` identical POSTs released at once from ``n`` threads, one connection each."""
+    start, responses = threading.Barrier(n), [None] * n
+
+    def post(i: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            start.wait()
+            responses[i] = http.post(url, headers=headers, json=body)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(r is not None for r in responses)
+    return responses
+
+
+def _exactly_one_ran(responses: list[httpx.Response]) -> str:
+    """Every attempt either got the one answer (first or replayed) or was told to retry."""
+    ok = [r for r in responses if r.status_code == 201]
+    for r in responses:
+        if r.status_code != 201:
+            assert_problem(r, 409, "idempotency_key_in_flight", "Idempotency-Key")
+            assert r.headers["retry-after"] == "1"
+    assert ok and len({r.json()["id"] for r in ok}) == 1
+    assert sum(r.headers.get("idempotent-replayed") != "true" for r in ok) == 1
+    return ok[0].json()["id"]
+
+
+def test_concurrent_attempts_with_one_key_run_once(client, tenant, live_url):
+    file_id = uploaded_file(client, tenant)
+    body = {"model": "lorafleet/tiny-llama", "training_file": file_id}
+    responses = _post_together(f"{live_url}/v1/fine_tuning/jobs",
+                               {**tenant.headers, "Idempotency-Key": "race-1"}, body)
+    job_id = _exactly_one_ran(responses)
+    jobs = client.get("/v1/fine_tuning/jobs", headers=tenant.headers).json()["data"]
+    assert [j["id"] for j in jobs] == [job_id]
+    # once the first attempt has finished, a retry (what a 409'd client does) gets its replay
+    again = client.post("/v1/fine_tuning/jobs", headers={**tenant.headers, "Idempotency-Key": "race-1"}, json=body)
+    assert again.status_code == 201 and again.json()["id"] == job_id
+
+
+def test_concurrent_admin_creates_with_one_key_make_one_tenant(client, app, live_url):
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    responses = _post_together(f"{live_url}/v1/admin/tenants", {**ADMIN, "Idempotency-Key": name}, {"name": name})
+    tenant_id = _exactly_one_ran(responses)
+    with app.state.session_factory() as session:
+        ids = session.scalars(sa.select(Tenant.id).where(Tenant.name == name)).all()
+    assert ids == [tenant_id]
+
+
+def test_an_abandoned_reservation_is_taken_over(client, app, tenant):
+    file_id = uploaded_file(client, tenant)
+    body = {"model": "lorafleet/tiny-llama", "training_file": file_id}
+    key = {"Idempotency-Key": "crashed-1", **tenant.headers}
+    with app.state.session_factory() as session:
+        session.add(IdempotencyKey(scope=tenant.id, key="crashed-1", request_hash="?", status_code=IN_FLIGHT,
+                                   content_type=None, body="", created_at=now() - 10))
+        session.commit()
+    assert_problem(client.post("/v1/fine_tuning/jobs", headers=key, json=body), 422, "idempotency_key_reused")
+    with app.state.session_factory() as session:  # now as if its attempt crashed long ago
+        session.get(IdempotencyKey, (tenant.id, "crashed-1")).created_at = now() - IN_FLIGHT_TIMEOUT_S - 1
+        session.commit()
+    first = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
+    again = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
+    assert first.status_code == again.status_code == 201 and first.json()["id"] == again.json()["id"]
 
 
 def test_rate_limit_is_429_with_retry_after(client):
