@@ -57,7 +57,11 @@ def start_serving(settings: Settings, ray_info: dict, *, port: int) -> str:
            "--http-port", str(port), "--object-store-url", settings.effective_object_store_url,
            "--base-model-id", settings.default_base_model,
            "--base-model-uri", "builtin://" + settings.default_base_model]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    from workers.local_ray import auth_env
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    env |= auth_env(Path(ray_info["token_path"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"serving failed to deploy:\n{proc.stderr[-3000:]}")
     url = f"http://127.0.0.1:{port}"
@@ -87,9 +91,11 @@ def run_stack(settings: Settings | None = None, *, serving: bool = True, serve_p
     settings = settings or embedded_settings()
     updates: dict = {}
     ray_info = None
+    token = None
     if not settings.ray_address:
         ray_info = start_local_ray(settings.data_dir / "ray", num_cpus=num_cpus, reuse=True)
         updates["ray_address"] = ray_info["dashboard"]
+        token = Path(ray_info["token_path"]).read_text().strip()
     if serving and not settings.serve_url:
         if ray_info is None:
             raise RuntimeError("set LORAFLEET_SERVE_URL when using a remote Ray")
@@ -100,7 +106,7 @@ def run_stack(settings: Settings | None = None, *, serving: bool = True, serve_p
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            log_level="warning"))
     stop = stop or threading.Event()
-    launcher = RayJobLauncher(settings.ray_address, entrypoint=settings.train_entrypoint)
+    launcher = RayJobLauncher(settings.ray_address, entrypoint=settings.train_entrypoint, token=token)
     scheduler = Scheduler(settings, engine_from_settings(settings), launcher)
     sched_thread = threading.Thread(target=scheduler.run_forever, args=(stop,), daemon=True,
                                     name="scheduler")

@@ -43,6 +43,15 @@ class LauncherError(Exception):
     """Ray could not be reached or refused the request."""
 
 
+def ray_token_from_env() -> str | None:
+    """Ray's own token sources, in Ray's order: RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH."""
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token.strip()
+    if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return open(path).read().strip()
+    return None
+
+
 def submission_id(job_id: str, attempt: int) -> str:
     """Attempt 1 runs as the job id itself; a retry after a crashed run gets its own id."""
     return job_id if attempt <= 1 else f"{job_id}-r{attempt}"
@@ -52,7 +61,7 @@ class RayJobLauncher:
     def __init__(self, address: str, *, entrypoint: str | None = None, token: str | None = None,
                  timeout: float = 10.0):
         headers = {}
-        token = token or os.environ.get("RAY_AUTH_TOKEN")
+        token = token or ray_token_from_env()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.address = address.rstrip("/")

@@ -128,8 +128,13 @@ def ray_cluster(tmp_path_factory):
     """
     from workers.local_ray import start_local_ray, stop_local_ray
 
+    from workers.local_ray import auth_env
+
     info = start_local_ray(tmp_path_factory.mktemp("ray"), num_cpus=2)
-    os.environ["RAY_ADDRESS"] = info["address"]
+    # Token authentication is on: this process and its children call Ray with the node's token.
+    added = {"RAY_ADDRESS": info["address"], **auth_env(Path(info["token_path"]))}
+    os.environ.update(added)
     yield info
-    os.environ.pop("RAY_ADDRESS", None)
+    for key in added:
+        os.environ.pop(key, None)
     stop_local_ray(info)

@@ -1,0 +1,300 @@
+"""The batched multi-LoRA decode engine: one shared base model, continuous batching, KV cache.
+
+Plain torch, no Ray. ``Engine.step()`` admits waiting requests into free rows (prefilling their
+prompts), then decodes one token for every running row, whatever adapter each row uses; finished
+rows leave at once and new ones join at the next step. ``generate_batch`` drives it synchronously
+(benchmarks); ``workers.serve.runner.EngineRunner`` runs the step loop in a thread for asyncio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from workers.serve.kv import RowKVCache
+from workers.serve.lora import DEFAULT_WRAPPED, LoraAdapter, wrap_model
+from workers.serve.sampling import SamplingParams, choose, make_generator
+from workers.serve.slots import DeviceSlots
+
+
+@dataclass
+class Request:
+    """One generation. The engine owns it from ``submit`` until ``finish_reason`` is set."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoraAdapter | None
+    on_event: Callable[[Request, str], None] | None  # (request, new text); called in the step thread
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already handed to on_event
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: BaseException | None = None
+    slot: int = 0
+    cancelled: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.arrival
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 32, max_len: int = 512,
+                 adapter_slots: int = 16, max_adapter_bytes: int | None = None, max_rank: int = 16,
+                 lora_dtype: torch.dtype = torch.float32, wrap: Sequence[str] = DEFAULT_WRAPPED,
+                 eos_token_id: int | list[int] | None = None, max_prefill_tokens: int = 8192):
+        model.eval()
+        model.config._attn_implementation = "sdpa"  # the 4-D boolean masks below are for sdpa
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_len = max_batch, max_len
+        # Prompt tokens prefilled per step: bounds how long running rows wait for newcomers.
+        self.max_prefill_tokens = max_prefill_tokens
+        cfg = model.config
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.device = model.get_input_embeddings().weight.device
+        slots = self._slot_count(model, adapter_slots, max_adapter_bytes, max_rank, lora_dtype, wrap)
+        self.modules = wrap_model(model, slots=slots, max_rank=max_rank, dtype=lora_dtype, targets=wrap)
+        self.slots = DeviceSlots(self.modules, slots, max_rank)
+        self.kv = RowKVCache(layers=cfg.num_hidden_layers, rows=max_batch,
+                             kv_heads=cfg.num_key_value_heads,
+                             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                             max_len=max_len, dtype=self.dtype, device=self.device)
+        if eos_token_id is None:  # the model's generation config may list several (chat end)
+            eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+        self._ids = itertools.count()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._lock = threading.Lock()  # guards _waiting: submit() comes from other threads
+        self._composition: tuple | None = None
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "requests_finished": 0}
+
+    @staticmethod
+    def _slot_count(model: nn.Module, count: int, max_bytes: int | None, max_rank: int,
+                    dtype: torch.dtype, wrap: Sequence[str]) -> int:
+        """Device-tier size: ``count`` adapters, fewer if that many slots of every wrapped
+        layer's stacks would pass ``max_bytes``; plus the zero slot."""
+        if max_bytes is None:
+            return count + 1
+        widths = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                     if name.rsplit(".", 1)[-1] in wrap and hasattr(m, "in_features"))
+        per_slot = widths * max_rank * torch.finfo(dtype).bits // 8
+        return max(1, min(count, max_bytes // per_slot)) + 1
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None = None,
+               on_event: Callable[[Request, str], None] | None = None) -> Request:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds this replica's context of {self.max_len} tokens")
+        if adapter is not None:
+            self.slots.check(adapter)
+        req = Request(next(self._ids), list(prompt_ids), params, adapter, on_event,
+                      generator=make_generator(params, self.device))
+        with self._lock:
+            self._waiting.append(req)
+        return req
+
+    def abort(self, req: Request) -> None:
+        req.cancelled = True  # honoured at the next step boundary
+
+    def load(self) -> dict:
+        return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                       adapters: Sequence[LoraAdapter | None] | None = None) -> list[Request]:
+        """Synchronous: submit all, step until all are done."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        reqs = [self.submit(p, sp, a) for p, sp, a in zip(prompts, params, adapters)]
+        while any(r.finish_reason is None for r in reqs):
+            self.step()
+        return reqs
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self.stats["steps"] += 1
+        self._drop_cancelled()
+        new = self._admit()
+        if new:
+            self._prefill(new)
+            self._retire()
+        if self._running:
+            self._decode()
+            self._retire()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """The step failed: end every request with the error rather than hang its caller."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in self._running + waiting:
+            req.error, req.finish_reason = exc, "error"
+            self._notify(req, "")
+        for req in self._running:
+            if req.adapter is not None:
+                self.slots.release(req.adapter.key)
+        self._running, self._composition = [], None
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for req in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(req)
+                req.finish_reason = "abort"
+        for req in self._running:
+            if req.cancelled and req.finish_reason is None:
+                req.finish_reason = "abort"
+        self._retire()
+
+    def _admit(self) -> list[Request]:
+        new, budget = [], self.max_prefill_tokens
+        with self._lock:
+            while self._waiting and len(self._running) + len(new) < self.max_batch:
+                req = self._waiting[0]
+                if new and len(req.prompt_ids) > budget:
+                    break
+                budget -= len(req.prompt_ids)
+                if req.adapter is not None:
+                    slot = self.slots.acquire(req.adapter)
+                    if slot is None:  # every slot is held by running rows: wait for one to finish
+                        break
+                    req.slot = slot
+                new.append(self._waiting.popleft())
+        return new
+
+    def _prepare(self, reqs: list[Request]) -> None:
+        """Gather each wrapped layer's LoRA weights for this batch, once per composition."""
+        composition = tuple(r.slot for r in reqs)
+        if composition == self._composition:
+            return
+        self._composition = composition
+        rank = max((r.adapter.rank for r in reqs if r.adapter is not None), default=0)
+        rows = list(composition)
+        rows_t = torch.tensor(rows, device=self.device)
+        scale = torch.tensor([r.adapter.scale if r.adapter else 0.0 for r in reqs],
+                             device=self.device, dtype=next(iter(self.modules.values())).stack_a.dtype)
+        scale = scale.view(-1, 1, 1)
+        for module in self.modules.values():
+            module.prepare(rows, rows_t, rank, scale)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               cache=self.kv, use_cache=True)
+        return out.last_hidden_state
+
+    def _prefill(self, new: list[Request]) -> None:
+        start, lengths = len(self._running), [len(r.prompt_ids) for r in new]
+        t = max(lengths)
+        ids = torch.zeros(len(new), t, dtype=torch.long)
+        for i, r in enumerate(new):  # right padding: a row's tail is never attended to later
+            ids[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+        ids = ids.to(self.device)
+        positions = torch.arange(t, device=self.device).expand(len(new), t)
+        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(len(new), 1, t, t)
+        self._running.extend(new)  # before the forward: if it fails, fail_all() ends them too
+        self._prepare(new)
+        self.kv.prefill(start, len(new))
+        hidden = self._forward(ids, positions, mask)
+        last = hidden[torch.arange(len(new), device=self.device),
+                      torch.tensor(lengths, device=self.device) - 1]
+        self.stats["prefill_tokens"] += sum(lengths)
+        self._emit(new, self.model.lm_head(last))
+
+    def _decode(self) -> None:
+        reqs = self._running
+        n = len(reqs)
+        lengths = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs]  # tokens in the cache
+        positions = torch.tensor(lengths, device=self.device)
+        span = max(lengths) + 1
+        mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None]).view(n, 1, 1, span)
+        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
+        self._prepare(reqs)
+        self.kv.decode(n, positions, span)
+        hidden = self._forward(ids, positions.view(n, 1), mask)
+        self.stats["decode_tokens"] += n
+        self._emit(reqs, self.model.lm_head(hidden[:, -1]))
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        tokens = choose(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        now = time.perf_counter()
+        for req, token in zip(reqs, tokens):
+            req.output_ids.append(token)
+            if req.first_token_at is None:
+                req.first_token_at = now
+            if token in self.eos:
+                req.finish_reason = "stop"
+            elif len(req.output_ids) >= req.params.max_tokens:
+                req.finish_reason = "length"
+            self._notify(req, self._detokenize(req))
+
+    def _detokenize(self, req: Request) -> str:
+        """New text since the last event; holds back what may still become a stop string or an
+        incomplete UTF-8 character."""
+        if self.tokenizer is None:
+            return ""
+        req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        end = len(req.text)
+        for stop in req.params.stop:
+            at = req.text.find(stop, max(0, req.sent - len(stop)))
+            if at != -1:
+                req.text, req.finish_reason, end = req.text[:at], "stop", at
+        if req.finish_reason is None:
+            if req.text.endswith("\ufffd"):
+                end -= 1
+            for stop in req.params.stop:
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if req.text[:end].endswith(stop[:k]):
+                        end -= k
+                        break
+        end = max(end, req.sent)
+        delta, req.sent = req.text[req.sent:end], end
+        return delta
+
+    def _notify(self, req: Request, delta: str) -> None:
+        if req.finish_reason is not None:
+            req.finished_at = time.perf_counter()
+        if req.on_event is not None:
+            req.on_event(req, delta)
+
+    def _retire(self) -> None:
+        """Free the rows of finished requests, filling holes with the last rows (one KV copy each)."""
+        done = [i for i, r in enumerate(self._running) if r.finish_reason is not None]
+        if not done:
+            return
+        for i in done:
+            req = self._running[i]
+            if req.adapter is not None:
+                self.slots.release(req.adapter.key)
+            if req.finish_reason == "abort":
+                self._notify(req, "")
+            self.stats["requests_finished"] += 1
+        rows = self._running
+        keep = len(rows) - len(done)
+        holes = [i for i in done if i < keep]
+        movers = [i for i in range(keep, len(rows)) if rows[i].finish_reason is None]
+        for dst, src in zip(holes, movers):
+            self.kv.move(src, dst, len(rows[src].prompt_ids) + len(rows[src].output_ids))
+            rows[dst] = rows[src]
+        self._running = rows[:keep]
+        self._composition = None

@@ -1,0 +1,237 @@
+"""OpenAI chat/completions requests in, engine requests out, OpenAI response objects back.
+
+No HTTP here: ``ServingFront.run`` yields plain dicts (a response, stream chunks, or one
+problem), so the same code answers under uvicorn (``workers.serve.http``) and inside a Ray Serve
+replica, whose results cross process boundaries as data, not exceptions.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from workers.serve.adapters import AdapterCache, AdapterError
+from workers.serve.engine import Request
+from workers.serve.lora import AdapterFormatError
+from workers.serve.runner import EngineFailed, EngineRunner
+from workers.serve.sampling import SamplingParams
+
+Kind = Literal["chat", "completion"]
+PROBLEM_BASE = "https://lorafleet.dev/problems/"
+
+
+def problem(status: int, code: str, detail: str, param: str | None = None) -> dict:
+    """RFC 9457 body with OpenAI's ``error`` mirrored (docs/API.md)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"type": PROBLEM_BASE + code, "title": code.replace("_", " ").capitalize(), "status": status,
+            "detail": detail, "code": code, "param": param,
+            "error": {"message": detail, "type": kind, "code": code, "param": param}}
+
+
+class Problem(Exception):
+    def __init__(self, status: int, code: str, detail: str, param: str | None = None):
+        super().__init__(detail)
+        self.body = problem(status, code, detail, param)
+
+
+class AdapterRef(BaseModel):
+    id: str
+    prefix: str
+    base_model_id: str
+
+
+class BaseRef(BaseModel):
+    id: str
+    uri: str | None = None
+
+
+class Routing(BaseModel):
+    """The ``lorafleet`` field only the control plane sets (docs/API.md, Inference)."""
+
+    adapter: AdapterRef | None = None
+    base_model: BaseRef | None = None
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, …)
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict | None = None
+    lorafleet: Routing | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def sampling(self, default_max: int) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+                              temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                              stop=tuple(self.stop or ()))
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text is served
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Common):
+    prompt: str
+
+
+class ServingFront:
+    def __init__(self, runner: EngineRunner, cache: AdapterCache, tokenizer, *, base_model_id: str,
+                 default_max_tokens: int = 256):
+        self.runner, self.cache, self.tokenizer = runner, cache, tokenizer
+        self.base_model_id, self.default_max_tokens = base_model_id, default_max_tokens
+
+    async def run(self, kind: Kind, body: dict) -> AsyncIterator[dict]:
+        """Yields ``{"problem": …}`` once, or ``{"response": …}``, or ``{"chunk": …}`` per SSE event."""
+        try:
+            req = self._parse(kind, body)
+            adapter = await self._adapter(req)
+            prompt_ids = self._encode(kind, req)
+            # Unasked, a completion may use what the context leaves, up to the default.
+            params = req.sampling(min(self.default_max_tokens, self.runner.engine.max_len - len(prompt_ids)))
+            if req.stream:
+                # aclosing: a client that leaves closes this generator, and with it the engine
+                # request (runner.stream aborts it), now rather than at garbage collection.
+                async with aclosing(self._stream(kind, req, prompt_ids, params, adapter)) as stream:
+                    async for chunk in stream:
+                        yield {"chunk": chunk}
+            else:
+                done = await self.runner.generate(prompt_ids, params, adapter)
+                yield {"response": self._response(kind, req.model, done)}
+        except Problem as exc:
+            yield {"problem": exc.body}
+        except AdapterError as exc:
+            yield {"problem": problem(exc.status, exc.code, str(exc), "model")}
+        except AdapterFormatError as exc:
+            yield {"problem": problem(422, "adapter_invalid", str(exc), "model")}
+        except EngineFailed as exc:
+            yield {"problem": problem(500, "internal_error", str(exc))}
+        except ValueError as exc:  # Engine.submit: prompt + max_tokens past the context
+            yield {"problem": problem(400, "context_length_exceeded", str(exc), "max_tokens")}
+
+    # ---- request side -------------------------------------------------------------------------
+
+    def _parse(self, kind: Kind, body: dict) -> ChatRequest | CompletionRequest:
+        try:
+            return (ChatRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            param = ".".join(str(p) for p in err["loc"]) or None
+            raise Problem(422, "validation_error", f"{param}: {err['msg']}", param) from None
+
+    async def _adapter(self, req: ChatRequest | CompletionRequest):
+        routing = req.lorafleet or Routing()
+        if routing.base_model is not None and routing.base_model.id != self.base_model_id:
+            raise Problem(422, "base_model_mismatch",
+                          f"this replica serves {self.base_model_id!r}, not {routing.base_model.id!r}", "model")
+        if routing.adapter is None:
+            if req.model != self.base_model_id:  # never answer an unknown adapter with the base
+                raise Problem(404, "model_not_found", f"the model {req.model!r} does not exist", "model")
+            return None
+        ref = routing.adapter
+        if ref.base_model_id != self.base_model_id:
+            raise Problem(422, "adapter_base_mismatch",
+                          f"adapter {ref.id!r} was trained for base model {ref.base_model_id!r}; "
+                          f"this replica serves {self.base_model_id!r}", "model")
+        return await self.cache.get(ref.id, ref.prefix)
+
+    def _encode(self, kind: Kind, req: ChatRequest | CompletionRequest) -> list[int]:
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a dict
+        else:
+            ids = self.tokenizer(req.prompt)["input_ids"]
+        if not ids:
+            raise Problem(400, "invalid_request", "the prompt is empty", "prompt")
+        limit = self.runner.engine.max_len
+        if len(ids) >= limit:
+            raise Problem(400, "context_length_exceeded",
+                          f"the prompt has {len(ids)} tokens; this model's context is {limit}",
+                          "messages" if kind == "chat" else "prompt")
+        return list(ids)
+
+    # ---- response side ------------------------------------------------------------------------
+
+    @staticmethod
+    def _usage(done: Request) -> dict:
+        p, c = len(done.prompt_ids), len(done.output_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _response(self, kind: Kind, model: str, done: Request) -> dict:
+        base = {"id": _new_id(kind), "created": int(time.time()), "model": model,
+                "usage": self._usage(done)}
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
+                      "finish_reason": done.finish_reason, "logprobs": None}
+            return {**base, "object": "chat.completion", "choices": [choice]}
+        choice = {"index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}
+        return {**base, "object": "text_completion", "choices": [choice]}
+
+    async def _stream(self, kind: Kind, req, prompt_ids, params, adapter) -> AsyncIterator[dict]:
+        head = {"id": _new_id(kind), "created": int(time.time()), "model": req.model,
+                "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+
+        def chunk(text: str, finish: str | None, role: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+                return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                             "logprobs": None}]}
+            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                                         "logprobs": None}]}
+
+        if kind == "chat":
+            yield chunk("", None, role=True)
+        done = None
+        async with aclosing(self.runner.stream(prompt_ids, params, adapter)) as tokens:
+            async for delta, done in tokens:
+                if delta or done.finish_reason:
+                    yield chunk(delta, done.finish_reason)
+        if (req.stream_options or {}).get("include_usage"):
+            yield {**head, "choices": [], "usage": self._usage(done)}
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.runner.close()
+
+    async def evict(self, adapter_id: str) -> bool:
+        return self.cache.evict(adapter_id)
+
+    async def stats(self) -> dict:
+        engine = self.runner.engine
+        return {"base_model_id": self.base_model_id, "engine": {**engine.stats, **engine.load()},
+                "adapters": self.cache.stats()}
+
+
+def _new_id(kind: Kind) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

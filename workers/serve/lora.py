@@ -1,0 +1,169 @@
+"""Batched multi-LoRA linear layers (Punica/S-LoRA style BGMV) and PEFT adapter loading.
+
+Every targeted linear layer of the shared base model is wrapped by ``MultiLoraLinear``, which
+holds the LoRA A/B weights of all adapters resident on the device as one zero-padded stack
+``(slots, in, max_rank)`` / ``(slots, max_rank, out)``. Slot 0 stays all zeros: rows without an
+adapter, and adapters that do not target a module, gather it and contribute exactly zero. Once per
+batch composition the engine gathers each row's slot (``prepare``); the forward is then two
+``bmm`` per layer for the whole batch, whatever the number of distinct adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# Every linear layer of a Llama-style decoder block; adapters may target any subset.
+DEFAULT_WRAPPED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterFormatError(ValueError):
+    """The adapter files are not a LoRA adapter this engine can serve."""
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter on the host: per module ``(A^T (in, r), B^T (r, out))`` and its scale."""
+
+    key: str  # unique per version (id@prefix): a new version gets a new device slot
+    adapter_id: str
+    rank: int
+    scale: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in self.weights.values())
+
+
+def _peft_module_name(key: str) -> tuple[str, str]:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' → (module, 'lora_A')."""
+    name = key.removeprefix("base_model.model.")
+    for part in ("lora_A", "lora_B"):
+        suffix = f".{part}.weight"
+        if name.endswith(suffix):
+            return name[: -len(suffix)], part
+    raise AdapterFormatError(f"unexpected tensor {key!r}: only plain LoRA A/B weights are served")
+
+
+def load_peft_adapter(directory: Path, *, key: str, adapter_id: str,
+                      dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    """Read a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    directory = Path(directory)
+    try:
+        config = (directory / ADAPTER_CONFIG).read_bytes()
+        weights = (directory / ADAPTER_WEIGHTS).read_bytes()
+    except FileNotFoundError as exc:
+        raise AdapterFormatError(f"adapter {adapter_id!r} lacks {Path(exc.filename).name}") from None
+    return parse_peft_adapter(config, weights, key=key, adapter_id=adapter_id, dtype=dtype)
+
+
+def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adapter_id: str,
+                       dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    """PEFT's two adapter files, as bytes, into host tensors ``(A^T, B^T)`` per module."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        config = json.loads(config_json)
+        tensors = load_safetensors(safetensors)
+    except (ValueError, SafetensorError) as exc:  # bad JSON or a corrupt safetensors header
+        raise AdapterFormatError(f"adapter {adapter_id!r} is unreadable: {exc}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"adapter {adapter_id!r} is {config.get('peft_type')}, not LORA")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
+                   if config.get(k)]
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        unsupported.append("bias")
+    if unsupported:
+        raise AdapterFormatError(f"adapter {adapter_id!r} uses unsupported LoRA options: {unsupported}")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        module, part = _peft_module_name(name)
+        parts.setdefault(module, {})[part] = tensor
+    weights = {}
+    for module, ab in parts.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise AdapterFormatError(f"adapter {adapter_id!r}: {module} lacks lora_A or lora_B")
+        a, b = ab["lora_A"], ab["lora_B"]  # (r, in), (out, r)
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterFormatError(f"adapter {adapter_id!r}: {module} rank differs from r={rank}")
+        weights[module] = (a.t().to(dtype).contiguous(), b.t().to(dtype).contiguous())
+    if not weights:
+        raise AdapterFormatError(f"adapter {adapter_id!r} holds no LoRA weights")
+    return LoraAdapter(key=key, adapter_id=adapter_id, rank=rank, scale=scale, weights=weights)
+
+
+class MultiLoraLinear(nn.Module):
+    """base(x) + (x A_row) (scale_row B_row) for every row of the batch: two batched matmuls."""
+
+    def __init__(self, base: nn.Module, slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("stack_a", torch.zeros(slots, self.in_features, max_rank, dtype=dtype,
+                                                    device=device), persistent=False)
+        self.register_buffer("stack_b", torch.zeros(slots, max_rank, self.out_features, dtype=dtype,
+                                                    device=device), persistent=False)
+        self.filled: set[int] = set()  # slots holding weights for this module
+        self._a: torch.Tensor | None = None  # (batch, in, rank) for the current batch
+        self._b: torch.Tensor | None = None  # (batch, rank, out), times each row's scale
+
+    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        self.stack_a[slot].zero_()
+        self.stack_b[slot].zero_()
+        self.filled.discard(slot)
+        if a is not None:
+            r = a.shape[1]
+            self.stack_a[slot, :, :r].copy_(a)
+            self.stack_b[slot, :r, :].copy_(b)
+            self.filled.add(slot)
+
+    def prepare(self, rows: list[int], rows_t: torch.Tensor, rank: int, scale: torch.Tensor) -> None:
+        """Gather the batch's weights once per composition, not in every forward; each row's
+        scale is folded into its B so the forward is one bmm and one baddbmm."""
+        if rank == 0 or self.filled.isdisjoint(rows):
+            self._a = self._b = None
+            return
+        self._a = self.stack_a[:, :, :rank].index_select(0, rows_t)
+        self._b = self.stack_b[:, :rank, :].index_select(0, rows_t) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self._a is None:
+            return y
+        if y.dtype != self._a.dtype:
+            return y + torch.bmm(torch.bmm(x.to(self._a.dtype), self._a), self._b).to(y.dtype)
+        return torch.baddbmm(y, torch.bmm(x, self._a), self._b)
+
+
+def wrap_model(model: nn.Module, *, slots: int, max_rank: int, dtype: torch.dtype,
+               targets: Iterable[str] = DEFAULT_WRAPPED) -> dict[str, MultiLoraLinear]:
+    """Replace every targeted linear (nn.Linear or bnb Linear4bit) in place; returns them by name."""
+    targets = set(targets)
+    device = next(model.parameters()).device
+    found = [(name, module) for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features")]
+    if not found:
+        raise ValueError(f"no linear layer named one of {sorted(targets)} in the model")
+    wrapped = {}
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = MultiLoraLinear(module, slots, max_rank, dtype, device)
+        setattr(parent, child, wrapper)
+        wrapped[name] = wrapper
+    return wrapped

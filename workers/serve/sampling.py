@@ -1,0 +1,53 @@
+"""Per-request decoding settings and next-token choice for a batch of rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.temperature == 0:
+        return None
+    gen = torch.Generator(device=device)
+    if params.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(params.seed)
+    return gen
+
+
+def choose(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """Greedy rows in one argmax; sampled rows each with their own generator (reproducible by seed
+    whatever else shares the batch)."""
+    out = logits.argmax(-1).tolist()
+    for i, (p, gen) in enumerate(zip(params, generators)):
+        if p.temperature == 0:
+            continue
+        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keeps the token crossing top_p
+            sorted_p[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        out[i] = int(torch.multinomial(probs, 1, generator=gen))
+    return out
