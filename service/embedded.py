@@ -51,29 +51,34 @@ def embedded_settings(**overrides) -> Settings:
                        "public_url": overrides.get("public_url") or f"http://{base.host}:{base.port}"})
 
 
-def start_serving(settings: Settings, ray_info: dict, *, port: int) -> str:
-    """Deploy the serving application on the local Ray; returns its HTTP URL."""
-    cmd = [sys.executable, "-m", "workers.serve.app", "--ray-address", ray_info["address"],
-           "--http-port", str(port), "--object-store-url", settings.effective_object_store_url,
-           "--base-model-id", settings.default_base_model,
-           "--base-model-uri", "builtin://" + settings.default_base_model]
+def start_serving(settings: Settings, ray_info: dict, *, port: int) -> tuple[subprocess.Popen, str]:
+    """Run the serving application on the local Ray (a driver subprocess that owns it).
+
+    Returns the process (terminate it to undeploy) and the serving URL once it answers.
+    """
     from workers.local_ray import auth_env
 
+    cmd = [sys.executable, "-m", "workers.serve.app", "--port", str(port),
+           f"base_model_id={settings.default_base_model}",
+           f"base_model_uri=builtin://{settings.default_base_model}",
+           f"object_store_url={settings.effective_object_store_url}",
+           f"quantization={settings.serve_quantization}", "max_replicas=1"]
+    # The serving side gets object-store access and the Ray token, none of our secrets.
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
-    env |= auth_env(Path(ray_info["token_path"]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"serving failed to deploy:\n{proc.stderr[-3000:]}")
+    env |= auth_env(Path(ray_info["token_path"])) | {"RAY_ADDRESS": ray_info["address"]}
+    log = open(settings.data_dir / "serving.log", "ab")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:
         try:
             if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return url
+                return proc, url
         except httpx.HTTPError:
             pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("serving did not become healthy")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"serving did not start; see {settings.data_dir / 'serving.log'}")
         time.sleep(1)
 
 
@@ -96,10 +101,11 @@ def run_stack(settings: Settings | None = None, *, serving: bool = True, serve_p
         ray_info = start_local_ray(settings.data_dir / "ray", num_cpus=num_cpus, reuse=True)
         updates["ray_address"] = ray_info["dashboard"]
         token = Path(ray_info["token_path"]).read_text().strip()
+    serving_proc = None
     if serving and not settings.serve_url:
         if ray_info is None:
             raise RuntimeError("set LORAFLEET_SERVE_URL when using a remote Ray")
-        updates["serve_url"] = start_serving(settings, ray_info, port=serve_port)
+        serving_proc, updates["serve_url"] = start_serving(settings, ray_info, port=serve_port)
     settings = settings.model_copy(update=updates)
 
     app = create_app(settings)
@@ -122,10 +128,18 @@ def run_stack(settings: Settings | None = None, *, serving: bool = True, serve_p
         server.should_exit = True
 
     threading.Thread(target=watch, daemon=True).start()
-    server.run()  # blocks; handles SIGINT/SIGTERM by exiting
-    stop.set()
-    if sched_thread.is_alive():
-        sched_thread.join(10)
+    try:
+        server.run()  # blocks; handles SIGINT/SIGTERM by exiting
+    finally:
+        stop.set()
+        if sched_thread.is_alive():
+            sched_thread.join(10)
+        if serving_proc is not None:
+            serving_proc.terminate()
+            try:
+                serving_proc.wait(30)
+            except subprocess.TimeoutExpired:
+                serving_proc.kill()
 
 
 def shutdown_local_ray(settings: Settings) -> None:

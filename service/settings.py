@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     # URL of the serving application's HTTP endpoint (Ray Serve); the API proxies to it.
     serve_url: str | None = None
+    # How the embedded stack's serving replica holds the shared base: "nf4" (4-bit) or "none".
+    serve_quantization: str = "nf4"
     # URL workers use to reach the control plane's internal endpoints.
     public_url: str = "http://127.0.0.1:8000"
     admin_token: SecretStr = Field(default_factory=lambda: SecretStr(secrets.token_urlsafe(24)))

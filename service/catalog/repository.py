@@ -16,7 +16,7 @@ DEFAULT_BASE_MODEL = {
     "architecture": "llama",
     "methods": ["lora", "qlora"],
     "max_rank": 64,
-    "quantization": None,
+    "quantization": "nf4",  # served as one shared 4-bit NF4 base
 }
 
 
