@@ -156,6 +156,9 @@ def test_server_killed_mid_run_every_job_ends_once(ray_cluster, tmp_path_factory
             starts = [e for e in _events(client, job_id)
                       if e["type"] == "status" and (e["data"] or {}).get("to") == "running"]
             assert len(starts) == 1, f"{job_id} started {len(starts)} times"
+            deadline = time.monotonic() + 60  # the driver exits just after posting its result
+            while not ray.state(submission_id(job_id, 1)).terminal and time.monotonic() < deadline:
+                time.sleep(1)
             assert ray.state(submission_id(job_id, 1)) is RunState.SUCCEEDED
             assert ray.state(submission_id(job_id, 2)) is RunState.UNKNOWN
     finally:
