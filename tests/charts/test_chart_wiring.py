@@ -290,9 +290,15 @@ def test_serve_config_is_generated_from_values():
     cfg = yaml.safe_load(one(objs, "RayService")["spec"]["serveConfigV2"])
     [app] = cfg["applications"]
     assert app["import_path"] == "workers.serve.app:build_app"
-    assert app["args"] == {"base_model_uri": "s3://m/b", "object_store_url": "s3://bkt/x", "device_cache_adapters": 5,
-                           "host_cache_adapters": 50, "max_batch_size": 12}
+    assert app["args"] == {"base_model_id": "b", "base_model_uri": "s3://m/b", "object_store_url": "s3://bkt/x",
+                           "quantization": "nf4", "adapter_slots": 5, "host_adapters": 50, "max_batch": 12}
+    # The args are settings the serving code knows, and the deployment is the one it defines.
+    from workers.serve.app import LoraReplica
+    from workers.serve.replica import ServeConfig
+
+    assert ServeConfig.load(**{k: str(v) for k, v in app["args"].items()}).adapter_slots == 5
     [dep] = app["deployments"]
+    assert dep["name"] == LoraReplica.name
     assert dep["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 3}
     assert dep["ray_actor_options"] == {"num_gpus": 1}
     assert pod(objs, API).env()["LORAFLEET_DEFAULT_BASE_MODEL"]["value"] == "a"
