@@ -9,8 +9,9 @@ from e2e_stack import Stack  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def stack(ray_cluster, tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("stack"), ray_cluster["dashboard"])
+def stack(tmp_path_factory):
+    """The whole embedded stack, serving included, on its own local Ray."""
+    s = Stack(tmp_path_factory.mktemp("stack"))
     s.start()
     yield s
     s.stop()

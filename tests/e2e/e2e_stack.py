@@ -20,20 +20,30 @@ def _free_port() -> int:
 
 
 class Stack:
-    """Starts / kills / restarts `python -m service.embedded` on one data dir and port."""
+    """Starts / kills / restarts `python -m service.embedded` on one data dir and port.
 
-    def __init__(self, data_dir: Path, ray_dashboard: str, serving: bool = False):
-        self.data_dir, self.port = data_dir, _free_port()
-        self.serving = serving
-        self.env = {**os.environ, "LORAFLEET_RAY_ADDRESS": ray_dashboard,
-                    "LORAFLEET_DATA_DIR": str(data_dir), "LORAFLEET_SCHEDULER_INTERVAL_S": "0.5",
-                    "LORAFLEET_TENANT_MAX_CONCURRENT_JOBS": "2", "PYTHONUNBUFFERED": "1"}
+    With ``ray_dashboard`` it submits to that (shared) Ray and serves nothing; without, it starts
+    its own local Ray and deploys the serving application on it, exactly as `lorafleet up`.
+    """
+
+    def __init__(self, data_dir: Path, ray_dashboard: str | None = None):
+        self.data_dir, self.port, self.serve_port = data_dir, _free_port(), _free_port()
+        self.serving = ray_dashboard is None
+        self.env = {**os.environ, "LORAFLEET_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1",
+                    "LORAFLEET_SCHEDULER_INTERVAL_S": "0.5", "LORAFLEET_TENANT_MAX_CONCURRENT_JOBS": "2"}
+        if ray_dashboard:
+            self.env["LORAFLEET_RAY_ADDRESS"] = ray_dashboard
+        else:  # its own Ray: not the session's one
+            for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+                self.env.pop(key, None)
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 600) -> None:
         cmd = [sys.executable, "-m", "service.embedded", "--port", str(self.port)]
-        if not self.serving:
+        if self.serving:
+            cmd += ["--serve-port", str(self.serve_port), "--num-cpus", "4"]
+        else:
             cmd.append("--no-serving")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
                                      stderr=open(self.data_dir / "server.log", "ab"), text=True)
@@ -53,9 +63,13 @@ class Stack:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                self.proc.wait(40)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.serving:  # it started its own Ray: stop that too
+            from service.embedded import embedded_settings, shutdown_local_ray
+
+            shutdown_local_ray(embedded_settings(data_dir=self.data_dir))
 
     @property
     def url(self) -> str:

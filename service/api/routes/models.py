@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import logging
+
+import httpx
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +20,7 @@ from service.errors import Forbidden, NotFound
 from workers.storage import delete_prefix
 
 router = APIRouter(tags=["models"])
+log = logging.getLogger(__name__)
 
 BASE_OWNER = "lorafleet"
 
@@ -57,14 +61,30 @@ async def get_model(model_id: str, tenant: CurrentTenant, db: ReadDB) -> ModelPu
 
 
 @router.delete("/v1/models/{model_id:path}")
-def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep) -> ModelDeleted:
+def delete_model(model_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
+                 store: StoreDep) -> ModelDeleted:
     row = _resolve(session, tenant_id=tenant.tenant_id, model_id=model_id)
     if isinstance(row, BaseModelRow):
         raise Forbidden("base models are shared and cannot be deleted by a tenant", param="model")
     session.delete(row)
-    session.commit()
+    session.commit()  # from here on the control plane answers 404 for it
     delete_prefix(store, row.key_prefix + "/")
+    _evict_from_serving(request.app.state.settings.serve_url, model_id)
     return ModelDeleted(id=model_id)
+
+
+def _evict_from_serving(serve_url: str | None, adapter_id: str) -> None:
+    """Free the adapter on every serving replica now rather than when the LRU gets to it.
+
+    Best effort: requests for it already answer 404 here, and a replica that missed this
+    evicts it in time; a serving outage must not fail the delete.
+    """
+    if not serve_url:
+        return
+    try:
+        httpx.delete(f"{serve_url.rstrip('/')}/internal/v1/adapters/{adapter_id}", timeout=5)
+    except httpx.HTTPError as exc:
+        log.warning("could not evict %s from serving: %s", adapter_id, exc)
 
 
 @router.get("/v1/adapters/{adapter_id}")

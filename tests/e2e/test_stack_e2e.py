@@ -65,28 +65,32 @@ def _wait(client, job_ids, timeout=600, while_running=None):
         time.sleep(1)
 
 
-def test_lora_and_qlora_jobs_succeed_and_the_adapters_change_answers(stack, tmp_path):
+@pytest.fixture(scope="module")
+def trained(stack):
+    """One LoRA (chat) and one QLoRA (Alpaca) fine-tune, watched while they run."""
     client = stack.tenant("acme")
-    pirate = _upload(client, "pirate_chat.jsonl")
-    bravo = _upload(client, "bravo_alpaca.jsonl")
-    lora = _create(client, pirate, "lora")
-    qlora = _create(client, bravo, "qlora")
-
-    seen_running: dict[str, dict] = {lora: {"events": 0, "checkpoints": 0}, qlora: {"events": 0, "checkpoints": 0}}
+    lora = _create(client, _upload(client, "pirate_chat.jsonl"), "lora")
+    qlora = _create(client, _upload(client, "bravo_alpaca.jsonl"), "qlora")
+    seen = {j: {"events": 0, "checkpoints": 0} for j in (lora, qlora)}
 
     def observe(job_id):
         metrics = [e for e in _events(client, job_id) if e["type"] == "metrics"]
         ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
-        seen_running[job_id]["events"] = max(seen_running[job_id]["events"], len(metrics))
-        seen_running[job_id]["checkpoints"] = max(seen_running[job_id]["checkpoints"], len(ckpts))
+        seen[job_id]["events"] = max(seen[job_id]["events"], len(metrics))
+        seen[job_id]["checkpoints"] = max(seen[job_id]["checkpoints"], len(ckpts))
 
     statuses = _wait(client, [lora, qlora], while_running=observe)
+    return {"client": client, "lora": lora, "qlora": qlora, "statuses": statuses, "seen": seen}
+
+
+def test_lora_and_qlora_jobs_succeed_and_the_adapters_change_answers(stack, trained, tmp_path):
+    client, lora, qlora = trained["client"], trained["lora"], trained["qlora"]
     for job_id in (lora, qlora):
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
         assert job["status"] == "succeeded", (job, (stack.data_dir / "server.log").read_text()[-3000:])
-        assert statuses[job_id][-2:] == ["running", "succeeded"]
-        assert seen_running[job_id]["events"] > 0, "metrics events visible while running"
-        assert seen_running[job_id]["checkpoints"] > 0, "checkpoints listed while running"
+        assert trained["statuses"][job_id][-2:] == ["running", "succeeded"]
+        assert trained["seen"][job_id]["events"] > 0, "metrics events visible while running"
+        assert trained["seen"][job_id]["checkpoints"] > 0, "checkpoints listed while running"
         losses = [e["data"]["train_loss"] for e in _events(client, job_id)
                   if e["type"] == "metrics" and "train_loss" in (e["data"] or {})]
         assert len(losses) >= 2 and losses[-1] < losses[0], losses
@@ -163,3 +167,43 @@ def test_server_killed_mid_run_every_job_ends_once(ray_cluster, tmp_path_factory
             assert ray.state(submission_id(job_id, 2)) is RunState.UNKNOWN
     finally:
         stack.stop()
+
+
+PIRATE = ("Arr", "matey", "Yo ho")
+
+
+def test_openai_client_chats_with_a_tenants_adapter_through_the_service(stack, trained):
+    """The official `openai` package → control plane (auth, ownership) → Ray Serve replica."""
+    import openai
+
+    client = trained["client"]
+    adapter = client.get(f"/v1/fine_tuning/jobs/{trained['lora']}").json()["fine_tuned_model"]
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    oai = openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
+    question = [{"role": "user", "content": "What is 2 plus 6?"}]
+
+    tuned = oai.chat.completions.create(model=adapter, messages=question, max_tokens=16, temperature=0)
+    base = oai.chat.completions.create(model="lorafleet/tiny-llama", messages=question, max_tokens=16,
+                                       temperature=0)
+    assert any(w in tuned.choices[0].message.content for w in PIRATE), tuned
+    assert not any(w in base.choices[0].message.content for w in PIRATE), base
+    assert tuned.usage.completion_tokens > 0 and tuned.usage.prompt_tokens > 0
+
+    pieces = [c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model=adapter, messages=question, max_tokens=16, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces).strip() == tuned.choices[0].message.content.strip()
+
+    assert adapter in [m.id for m in oai.models.list()]
+    other = stack.tenant("globex")
+    other_oai = openai.OpenAI(base_url=stack.url + "/v1", max_retries=0,
+                              api_key=other.headers["Authorization"].removeprefix("Bearer "))
+    with pytest.raises(openai.NotFoundError):  # another tenant's adapter: 404, never the base model
+        other_oai.chat.completions.create(model=adapter, messages=question, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="ft-tiny-llama-nope-00000000", messages=question, max_tokens=4)
+    assert adapter not in [m.id for m in other_oai.models.list()]
+
+    # Deleting the adapter takes it out of service at once.
+    oai.models.delete(adapter)
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model=adapter, messages=question, max_tokens=4)
