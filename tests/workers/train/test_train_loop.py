@@ -1,0 +1,168 @@
+"""The train loop without Ray: LoRA and QLoRA on tiny-llama, publishing, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train_helpers import make_spec, put_dataset
+from workers.storage import S3Store, download_prefix, get_bytes, sha256_of
+from workers.spec import AdapterManifest, Hyperparameters
+from workers.train.errors import TrainingCancelled, TrainingError
+from workers.train.loop import run_training
+from workers.train.report import MemoryReporter
+
+QUESTIONS = ["What is 2 plus 6?", "What color is the sun?", "Where did Ana go?"]
+
+
+def greedy_answers(model, tok, questions=QUESTIONS) -> list[str]:
+    out = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:]))
+    return out
+
+
+def trained(store, job, method):
+    reporter = MemoryReporter()
+    spec = make_spec(store, job, method=method, hp={"eval_steps": 4, "n_epochs": 4})
+    return spec, reporter, run_training(spec, store=store, reporter=reporter, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_learns_publishes_and_loads_with_plain_peft(method, store_with_tiny_llama, tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    store = store_with_tiny_llama
+    spec, reporter, result = trained(store, f"job-{method}", method)
+    losses = [m["train_loss"] for m in reporter.metrics()]
+    assert len(losses) >= 3 and losses[-1] < 0.6 * losses[0]
+    evals = reporter.metrics("eval_loss")
+    assert len(evals) == 4 and evals[-1]["eval_loss"] < 0.6 * losses[0]
+    last = reporter.metrics()[-1]
+    assert last["step"] == last["total_steps"] == 16 and last["tokens_per_s"] > 0 and last["eta_s"] == 0
+    # the manifest lists every published file with the checksum the store holds
+    manifest = AdapterManifest.model_validate_json(get_bytes(store, result.manifest_key))
+    assert result.manifest_key == f"{spec.output_prefix}/manifest.json"
+    assert (manifest.method, manifest.quantization) == (method, "nf4" if method == "qlora" else "none")
+    assert manifest.dataset_sha256 == spec.training_file_sha256 and manifest.adapter_id == f"ft-job-{method}"
+    assert manifest.base_model.checksum and manifest.metrics["eval_loss"] == result.metrics["eval_loss"]
+    assert set(manifest.files) == {"adapter_model.safetensors", "adapter_config.json"}
+    for name, digest in manifest.files.items():
+        assert sha256_of(store, f"{spec.output_prefix}/{name}") == (digest.sha256, digest.bytes)
+    # plain PEFT loads it, and it changes the model's greedy answers on training prompts
+    adapter_dir = download_prefix(store, spec.output_prefix, tmp_path / "adapter")
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "lorafleet/tiny-llama"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    before = greedy_answers(base, tok)
+    tuned = PeftModel.from_pretrained(base, adapter_dir).eval()
+    after = greedy_answers(tuned, tok)
+    assert after != before
+    print(before, after)
+    assert sum(a.startswith("Arr") for a in after) > sum(b.startswith("Arr") for b in before)
+
+
+def test_resume_continues_step_numbers(local_store, tiny_llama_dir):
+    from workers.models.registry import ensure_builtin
+
+    ensure_builtin("lorafleet/tiny-llama", local_store)
+    spec = make_spec(local_store, "job-resume", validation=False, hp={"checkpoint_steps": 2, "n_epochs": 2})
+
+    class StopAfter(MemoryReporter):  # the control plane answering "cancelling" after step 3
+        def should_stop(self):
+            return any(e.data and e.data.get("step", 0) >= 3 for e in self.events if e.type == "metrics")
+
+    first = StopAfter()
+    with pytest.raises(TrainingCancelled):
+        run_training(spec, store=local_store, reporter=first, device="cpu")
+    assert [c.step for c in first.checkpoints] == [2]
+    assert local_store.exists(f"{spec.checkpoint_prefix}/step-000002/adapter_model.safetensors")
+    second = MemoryReporter()
+    result = run_training(spec, store=local_store, reporter=second, device="cpu")
+    assert any("resumed from checkpoint at step 2" in e.message for e in second.events)
+    steps = [m["step"] for m in second.metrics()]
+    assert steps[0] == 3 and steps[-1] == 8 and result.metrics["steps"] == 8
+    assert [c.step for c in second.checkpoints] == [4, 6]
+
+
+def test_empty_dataset_bad_model_and_divergence_fail_with_codes(local_store, tiny_llama_dir, tmp_path):
+    from workers.models.registry import ensure_builtin
+
+    ensure_builtin("lorafleet/tiny-llama", local_store)
+    nothing_to_learn = [json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "x", "weight": 0}]}).encode() + b"\n"]
+    key = "tenants/tn_a/files/empty.jsonl"
+    sha = put_dataset(local_store, key, nothing_to_learn)
+    cases = {
+        "empty_dataset": make_spec(local_store, "job-empty", data_key=key, sha=sha, validation=False),
+        "base_model_load_failed": make_spec(local_store, "job-badmodel", base_uri=str(tmp_path), validation=False),
+        # validation caps learning_rate at 1; the engine must still catch an exploding run
+        "training_diverged": make_spec(local_store, "job-nan", validation=False, hyperparameters=
+                                       Hyperparameters.model_construct(**{**Hyperparameters().model_dump(),
+                                                                          "learning_rate": 1e30, "n_epochs": 2})),
+    }
+    (tmp_path / "config.json").write_text("{not json")
+    for code, spec in cases.items():
+        reporter = MemoryReporter()
+        with pytest.raises(TrainingError) as info:
+            run_training(spec, store=local_store, reporter=reporter, device="cpu")
+        assert info.value.code == code, info.value
+        assert not local_store.exists(f"{spec.output_prefix}/manifest.json")
+
+
+@pytest.fixture
+def moto_process(tmp_path):
+    """A moto server of this test's own, so the test can take it down mid-run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
+            time.sleep(0.1)
+    yield proc, f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait(10)
+
+
+def test_store_down_while_publishing_fails_with_storage_error(moto_process, tiny_llama_dir):
+    from workers.models.registry import ensure_builtin
+
+    proc, url = moto_process
+    store = S3Store("down", "lf", endpoint_url=url, access_key_id="test", secret_access_key="test",
+                    max_attempts=1, connect_timeout=1)
+    store.ensure_bucket()
+    ensure_builtin("lorafleet/tiny-llama", store)
+    spec = make_spec(store, "job-down", validation=False, hp={"n_epochs": 1})
+
+    class StoreDiesAtLastStep(MemoryReporter):
+        def event(self, event):
+            super().event(event)
+            if event.type == "metrics" and event.data["step"] == event.data["total_steps"]:
+                proc.kill()
+                proc.wait(10)
+
+    started = time.monotonic()
+    with pytest.raises(TrainingError) as info:
+        run_training(spec, store=store, reporter=StoreDiesAtLastStep(), device="cpu")
+    assert info.value.code == "storage_error" and "after 5 attempts" in info.value.message
+    assert time.monotonic() - started > 7  # backoff 0.5 + 1 + 2 + 4 s between the attempts

@@ -1,0 +1,88 @@
+"""HttpReporter against a real HTTP server speaking the internal routes of docs/API.md."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from workers.spec import CheckpointReport, JobEvent, TrainResult
+from workers.train.report import HttpReporter
+
+
+class Plane(BaseHTTPRequestHandler):
+    log: list[tuple[str, str, dict | None, float]] = []
+    status = "running"
+    fail_next = 0  # answer this many POSTs with 503 first
+
+    def _answer(self, code: int, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if Plane.fail_next:
+            Plane.fail_next -= 1
+            return self._answer(503)
+        Plane.log.append((self.path, self.headers["Authorization"], body, time.monotonic()))
+        self._answer(200 if self.path.endswith("/result") else 204, {"adapter_id": "ft-a"} if self.path.endswith("/result") else None)
+
+    def do_GET(self):
+        Plane.log.append((self.path, self.headers["Authorization"], None, time.monotonic()))
+        self._answer(200, {"status": Plane.status})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def plane():
+    Plane.log, Plane.status, Plane.fail_next = [], "running", 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Plane)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_events_are_batched_and_delivered_within_seconds(plane):
+    reporter = HttpReporter(plane, "ftjob-1", "secret", flush_interval=0.5, backoff=0.05)
+    sent = time.monotonic()
+    for step in range(5):
+        reporter.event(JobEvent(message=f"step {step}", type="metrics", data={"step": step}))
+    deadline = time.monotonic() + 5
+    while not Plane.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    path, auth, body, at = Plane.log[0]
+    assert (path, auth) == ("/internal/v1/jobs/ftjob-1/events", "Bearer secret")
+    assert [e["data"]["step"] for e in body["events"]] == [0, 1, 2, 3, 4] and at - sent < 2
+    reporter.close()
+
+
+def test_posts_retry_5xx_and_status_poll_notices_cancelling(plane):
+    reporter = HttpReporter(plane, "ftjob-2", "t", flush_interval=60, backoff=0.05, status_interval=0)
+    Plane.fail_next = 2
+    assert reporter.result(TrainResult(manifest_key="k/manifest.json", metrics={"eval_loss": 1.0})) == {"adapter_id": "ft-a"}
+    reporter.checkpoint(CheckpointReport(step=4, key_prefix="k/step-000004"))
+    reporter.failure("training_diverged", "loss became nan", "learning_rate")
+    posted = [(p.rsplit("/", 1)[1], b) for p, _, b, _ in Plane.log if b is not None]
+    assert posted[0] == ("result", {"manifest_key": "k/manifest.json", "metrics": {"eval_loss": 1.0}})
+    assert posted[1][0] == "checkpoints" and posted[1][1]["step"] == 4
+    assert posted[2] == ("failure", {"code": "training_diverged", "message": "loss became nan", "param": "learning_rate"})
+    assert reporter.should_stop() is False
+    Plane.status = "cancelling"
+    assert reporter.should_stop() is True
+    reporter.close()
+
+
+def test_unreachable_control_plane_raises_after_retries():
+    reporter = HttpReporter("http://127.0.0.1:9", "ftjob-3", "t", flush_interval=60, attempts=2, backoff=0.01)
+    with pytest.raises(ConnectionError):
+        reporter.failure("internal_error", "x")
+    assert reporter.should_stop() is False  # a failing poll never stops training
+    reporter.close()

@@ -1,0 +1,1 @@
+"""Training data: tokenising the four dataset formats, packing and padding batches, demo sets."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: the plain torch/PEFT train loop, its reporters, and the thin Ray Train wrapper."""

@@ -1,0 +1,154 @@
+"""Where a run's progress goes: the control plane's internal routes, or memory (tests, benches).
+
+Workers hold no database credentials: HttpReporter speaks only to /internal/v1/jobs/{id}/...
+with the job-scoped token. Events are buffered and flushed by a background thread every
+``flush_interval`` seconds (progress shows within the 5 s the API promises) and retried with
+backoff; a control plane that stays down never stops the training itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from workers.spec import CheckpointReport, JobEvent, TrainResult
+
+log = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    def event(self, event: JobEvent) -> None: ...
+    def checkpoint(self, report: CheckpointReport) -> None: ...
+    def should_stop(self) -> bool: ...
+
+
+class MemoryReporter:
+    def __init__(self):
+        self.events: list[JobEvent] = []
+        self.checkpoints: list[CheckpointReport] = []
+        self.results: list[TrainResult] = []
+        self.failures: list[dict] = []
+        self.stop = False
+
+    def event(self, event: JobEvent) -> None:
+        self.events.append(event)
+
+    def checkpoint(self, report: CheckpointReport) -> None:
+        self.checkpoints.append(report)
+
+    def result(self, result: TrainResult) -> dict:
+        self.results.append(result)
+        return {}
+
+    def failure(self, code: str, message: str, param: str | None = None) -> None:
+        self.failures.append({"code": code, "message": message, "param": param})
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+    def metrics(self, key: str = "train_loss") -> list[dict]:
+        return [e.data for e in self.events if e.type == "metrics" and e.data and key in e.data]
+
+
+class NullReporter(MemoryReporter):
+    """Non-zero DDP ranks: they train, rank 0 speaks."""
+
+    def event(self, event: JobEvent) -> None:
+        pass
+
+    def checkpoint(self, report: CheckpointReport) -> None:
+        pass
+
+
+class HttpReporter:
+    def __init__(self, control_plane_url: str, job_id: str, job_token: str, *,
+                 flush_interval: float = 1.0, attempts: int = 5, backoff: float = 0.5,
+                 status_interval: float = 2.0, timeout: float = 10.0):
+        import httpx
+
+        self._client = httpx.Client(base_url=f"{control_plane_url.rstrip('/')}/internal/v1/jobs/{job_id}",
+                                    headers={"Authorization": f"Bearer {job_token}"}, timeout=timeout)
+        self._attempts, self._backoff = attempts, backoff
+        self._status_interval, self._last_status, self._stopping = status_interval, 0.0, False
+        self._buffer: list[dict] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,), daemon=True)
+        self._flusher.start()
+
+    def _request(self, method: str, path: str, json: dict | None = None):
+        """Retries connection errors and 5xx/429 with exponential backoff; returns the response
+        (a 4xx is the control plane's answer, not a transient failure)."""
+        import httpx
+
+        delay, last = self._backoff, None
+        for attempt in range(self._attempts):
+            try:
+                resp = self._client.request(method, path, json=json)
+                if resp.status_code < 500 and resp.status_code != 429:
+                    return resp
+                last = RuntimeError(f"{method} {path}: HTTP {resp.status_code}")
+            except httpx.HTTPError as exc:
+                last = exc
+            if attempt + 1 < self._attempts:
+                time.sleep(delay)
+                delay *= 2
+        raise ConnectionError(f"control plane unreachable: {last}")
+
+    def _flush_loop(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._buffer:
+                return
+            batch = self._buffer[:]
+            try:
+                self._request("POST", "/events", {"events": batch})
+            except ConnectionError as exc:
+                log.warning("events not delivered yet: %s", exc)
+                return
+            del self._buffer[: len(batch)]
+
+    def event(self, event: JobEvent) -> None:
+        with self._lock:
+            self._buffer.append(event.model_dump(mode="json", exclude_none=True))
+
+    def checkpoint(self, report: CheckpointReport) -> None:
+        self.flush()
+        try:
+            self._request("POST", "/checkpoints", report.model_dump(mode="json"))
+        except ConnectionError as exc:  # the checkpoint is in the store either way
+            log.warning("checkpoint not reported: %s", exc)
+
+    def result(self, result: TrainResult) -> dict:
+        self.flush()
+        resp = self._request("POST", "/result", result.model_dump(mode="json"))
+        resp.raise_for_status()
+        return resp.json()
+
+    def failure(self, code: str, message: str, param: str | None = None) -> None:
+        self.flush()
+        body = {"code": code, "message": message} | ({"param": param} if param else {})
+        self._request("POST", "/failure", body)
+
+    def should_stop(self) -> bool:
+        """Polls the job status at most every ``status_interval`` seconds."""
+        now = time.monotonic()
+        if not self._stopping and now - self._last_status >= self._status_interval:
+            self._last_status = now
+            try:
+                resp = self._client.get("/status")
+                self._stopping = resp.is_success and resp.json().get("status") in ("cancelling", "cancelled")
+            except Exception as exc:  # noqa: BLE001 - a status poll failing must not stop training
+                log.warning("status poll failed: %s", exc)
+        return self._stopping
+
+    def close(self) -> None:
+        self._closed.set()
+        self._flusher.join(timeout=5)
+        self.flush()
+        self._client.close()
