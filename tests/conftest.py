@@ -7,13 +7,21 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from workers.local_ray import auth_env, ensure_token, start_local_ray, stop_local_ray
 from workers.storage import LocalStore, S3Store
+
+# Ray reads RAY_AUTH_MODE when it is first imported, so token auth for the session's local Ray
+# (the `ray_cluster` fixture) is configured here, before any test imports ray.
+RAY_STATE_DIR = Path(tempfile.mkdtemp(prefix="lf-test-ray-"))
+os.environ.update(auth_env(RAY_STATE_DIR / "auth_token"))
+ensure_token(RAY_STATE_DIR / "auth_token")
 
 PG_URL = os.environ.get("LORAFLEET_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -120,21 +128,14 @@ def database_url(request, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """One real local Ray for the whole test session (head with dashboard; 2 CPUs).
 
     Yields {"address": GCS address, "dashboard": dashboard URL}. Tests that need Ray share it
     rather than start their own: each start costs ~15 s on a 2-core machine.
     """
-    from workers.local_ray import start_local_ray, stop_local_ray
-
-    from workers.local_ray import auth_env
-
-    info = start_local_ray(tmp_path_factory.mktemp("ray"), num_cpus=2)
-    # Token authentication is on: this process and its children call Ray with the node's token.
-    added = {"RAY_ADDRESS": info["address"], **auth_env(Path(info["token_path"]))}
-    os.environ.update(added)
+    info = start_local_ray(RAY_STATE_DIR, num_cpus=2)
+    os.environ["RAY_ADDRESS"] = info["address"]
     yield info
-    for key in added:
-        os.environ.pop(key, None)
+    os.environ.pop("RAY_ADDRESS", None)
     stop_local_ray(info)

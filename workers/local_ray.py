@@ -33,7 +33,7 @@ def auth_env(token_path: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
 
-def _ensure_token(path: Path) -> str:
+def ensure_token(path: Path) -> str:
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -73,7 +73,7 @@ def start_local_ray(state_dir: Path, *, num_cpus: int | None = None, reuse: bool
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     token_path = state_dir / "auth_token"
-    token = _ensure_token(token_path)
+    token = ensure_token(token_path)
     record = state_dir / "ray.json"
     if reuse and record.exists():
         info = json.loads(record.read_text())

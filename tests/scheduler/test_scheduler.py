@@ -111,6 +111,7 @@ def test_cancel_stops_the_ray_run_within_10s(env):
         job_id = _queued_job(s, _tenant(s, "A").id)
     sched.tick()
     assert _running(sessions) == [job_id]
+    _wait(lambda: launcher.state(job_id) is RunState.RUNNING, timeout=120)  # its process is up
     with session_scope(sessions) as s:
         states.transition(s, s.get(Job, job_id), states.CANCELLING)
     t0 = time.monotonic()

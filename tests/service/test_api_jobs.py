@@ -58,6 +58,9 @@ def test_qlora_with_hyperparameters_and_openai_fields(client, tenant):
     ({"unknown_field": 1}, 422, "validation_error", "unknown_field"),
     ({"suffix": "has/slash"}, 422, "validation_error", "suffix"),
     ({"seed": "x"}, 422, "validation_error", "seed"),
+    # Valid alone, invalid together: the rate the multiplier gives underflows to 0 (found by fuzzing).
+    ({"hyperparameters": {"learning_rate_multiplier": 1e-320}}, 422, "validation_error",
+     "hyperparameters.learning_rate"),
 ])
 def test_bad_job_requests_change_nothing(client, app, body, status, code, param):
     t = new_tenant(client)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from workers.data.batching import Batch, epoch_batches
-from workers.data.encode import Encoded, encode_dataset
+from workers.data.encode import IGNORE, Encoded, encode_dataset
 from workers.models.loading import load_base_model, load_tokenizer, quantization_of
 from workers.models.registry import BaseModelError, model_checksum, resolve_base_model
 from workers.spec import BaseModelRef, CheckpointReport, Hyperparameters, JobEvent, TrainJobSpec, TrainResult, iter_examples
@@ -68,6 +68,23 @@ def make_optimizer(params, hp: Hyperparameters, device: torch.device):
         except (ImportError, RuntimeError) as exc:
             log.warning("bitsandbytes paged AdamW unavailable (%s); using torch AdamW", exc)
     return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
+
+
+def label_loss(net, batch: Batch, device, n_items: int) -> torch.Tensor:
+    """Causal-LM loss summed over the batch's label tokens, divided by ``n_items``.
+
+    The LM head runs only on the positions that predict a label (``logits_to_keep`` as a boolean
+    mask, applied by the model's own forward, so PEFT, DDP and gradient checkpointing see a normal
+    call): the same loss and gradients as ``model(..., labels=...)``, without the
+    batch x length x vocab logits of prompt and padding positions, which dominate the cost of a
+    large vocabulary.
+    """
+    inputs = batch.model_inputs(device)
+    targets = inputs.pop("labels")[:, 1:]
+    wanted = targets != IGNORE
+    keep = torch.nn.functional.pad(wanted, (0, 1), value=False)  # position t predicts label t+1
+    logits = net(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.float(), targets[wanted], reduction="sum") / n_items
 
 
 def read_dataset(store: ObjectStore, key: str, expected_sha256: str | None, tokenizer, max_len: int):
@@ -235,9 +252,9 @@ class _Run:
         for i, batch in enumerate(window):
             sync = i == len(window) - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else net.no_sync():
-                out = net(**batch.model_inputs(self.device), num_items_in_batch=n_items, use_cache=False)
-                out.loss.backward()
-            total += out.loss.detach().float()
+                loss = label_loss(net, batch, self.device, n_items)
+                loss.backward()
+            total += loss.detach().float()
         if self.world.size > 1:
             torch.distributed.all_reduce(total)
             total /= self.world.size
@@ -258,8 +275,7 @@ class _Run:
         self.model.eval()
         loss_sum, n_items = 0.0, 0
         for batch in self._batches(0, self.val_set, seed_offset=10_000):
-            out = self.model(**batch.model_inputs(self.device), num_items_in_batch=1, use_cache=False)
-            loss_sum += out.loss.float().item()
+            loss_sum += label_loss(self.model, batch, self.device, 1).item()
             n_items += batch.label_tokens()
         if self.world.size > 1:
             t = torch.tensor([loss_sum, n_items], dtype=torch.float64, device=self.device)
@@ -283,8 +299,8 @@ class _Run:
         key = artifacts.save_checkpoint(self.store, self.spec.checkpoint_prefix, self.step, self.model,
                                         self.spec.base_model.id, self._state())
         metrics = {k: float(v) for k, v in self.metrics.items()}
+        # The control plane records the checkpoint and its event; no second event from here.
         self.reporter.checkpoint(CheckpointReport(step=self.step, key_prefix=key, metrics=metrics))
-        self.emit(f"checkpoint saved at step {self.step}", "checkpoint", {"step": self.step, "key_prefix": key})
 
     def publish(self, runtime_s: float) -> TrainResult:
         metrics = {**self.metrics, "steps": float(self.step), "trained_tokens": float(self.trained_tokens),

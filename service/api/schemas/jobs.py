@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from service.api.schemas.common import Strict
 from service.db.models import Checkpoint, Job, JobEventRow
+from service.errors import ValidationFailed
 from service.jobs.repository import event_public_id
 from workers.spec import Hyperparameters, Resources
 
@@ -73,7 +74,14 @@ class JobCreate(Strict):
             values.update(params.hyperparameters.model_dump(exclude_unset=True))
         if self.seed is not None:
             values["seed"] = self.seed
-        hp = Hyperparameters.model_validate(values)
+        try:
+            hp = Hyperparameters.model_validate(values)
+        except ValidationError as exc:
+            # The combination failed (e.g. learning_rate_multiplier so small the rate is 0).
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ValidationFailed(f"hyperparameters.{field}: {err['msg']}",
+                                   param=f"hyperparameters.{field}") from None
         # Stored with alpha resolved, so the job shows (and the worker gets) the number it used.
         return name, hp.model_copy(update={"lora_alpha": hp.alpha})
 

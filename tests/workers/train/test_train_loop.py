@@ -12,11 +12,12 @@ import time
 import pytest
 import torch
 
-from train_helpers import make_spec, put_dataset
+from train_helpers import DEMO, make_spec, put_dataset
+from workers.data.batching import collate_packed, collate_padded
 from workers.storage import S3Store, download_prefix, get_bytes, sha256_of
 from workers.spec import AdapterManifest, Hyperparameters
 from workers.train.errors import TrainingCancelled, TrainingError
-from workers.train.loop import run_training
+from workers.train.loop import label_loss, run_training
 from workers.train.report import MemoryReporter
 
 QUESTIONS = ["What is 2 plus 6?", "What color is the sun?", "Where did Ana go?"]
@@ -72,6 +73,44 @@ def test_adapter_learns_publishes_and_loads_with_plain_peft(method, store_with_t
     assert after != before
     print(before, after)
     assert sum(a.startswith("Arr") for a in after) > sum(b.startswith("Arr") for b in before)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_label_loss_matches_full_logits_loss_and_grads(method, tiny_llama_dir):
+    """Logits at the label positions only: the same loss and LoRA gradients as the model's own
+    full-logits loss, for packed and padded batches (qlora: 4-bit base, gradient checkpointing)."""
+    from peft import LoraConfig, get_peft_model
+
+    from workers.data.encode import encode_dataset
+    from workers.models.loading import load_base_model, load_tokenizer
+    from workers.spec import iter_examples
+
+    tok = load_tokenizer(tiny_llama_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(tiny_llama_dir, method, "cpu"),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                      init_lora_weights=False, task_type="CAUSAL_LM")).train()
+    assert model.is_gradient_checkpointing == (method == "qlora")
+    params = [p for p in model.parameters() if p.requires_grad]
+    lines = (DEMO / "pirate_chat.jsonl").read_bytes().splitlines()[:6]
+    data = encode_dataset(tok, iter_examples(lines), 512)[0]
+    for batch in (collate_packed(data, 128, tok.pad_token_id), collate_padded(data, tok.pad_token_id)):
+        n = batch.label_tokens()
+        assert 0 < n < batch.input_ids.numel() / 2  # most positions carry no label: the head skips them
+
+        def loss_and_grads(compute):
+            model.zero_grad(set_to_none=True)
+            loss = compute()
+            loss.backward()
+            return loss.detach(), [p.grad.clone() for p in params]
+
+        full, full_grads = loss_and_grads(
+            lambda: model(**batch.model_inputs("cpu"), num_items_in_batch=n, use_cache=False).loss)
+        ours, our_grads = loss_and_grads(lambda: label_loss(model, batch, "cpu", n))
+        torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+        assert any(g.abs().sum() > 0 for g in full_grads)
+        for g, h in zip(our_grads, full_grads):
+            torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-5)
 
 
 def test_resume_continues_step_numbers(local_store, tiny_llama_dir):
