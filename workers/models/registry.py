@@ -7,6 +7,7 @@ entry without downloading anything.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -77,8 +78,15 @@ def local_builtin(model_id: str) -> Path:
     if model_id != MODEL_ID:
         raise BaseModelError(f"unknown built-in model {model_id!r}")
     path = model_cache_dir() / "builtin" / f"{model_id.replace('/', '--')}-{builtin_source_hash()}"
-    if not (path / "config.json").is_file():
-        build_tiny_llama(path)
+    if (path / "config.json").is_file():
+        return path
+    # Training runs and serving replicas starting together on a fresh machine: one builds, the
+    # others wait for it instead of building the same model three times on the same cores.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            build_tiny_llama(path)
     return path
 
 
