@@ -13,12 +13,13 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from workers.local_ray import free_port
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "workers" / "data" / "demo"
 QUESTIONS = ["What is 2 plus 6?", "What color is the sun?", "What sound does a lion make?"]
@@ -26,11 +27,6 @@ QUESTIONS = ["What is 2 plus 6?", "What color is the sun?", "What sound does a l
 HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 8, "gradient_accumulation_steps": 1,
                    "learning_rate": 2e-3, "max_seq_length": 128, "checkpoint_steps": 20, "r": 8}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alpaca_prompt(instruction: str) -> str:
@@ -52,7 +48,7 @@ class Stages:
 
 
 def _start_stack(data_dir: Path) -> tuple[subprocess.Popen, dict]:
-    port, serve_port = _free_port(), _free_port()
+    port, serve_port = free_port(), free_port()
     env = {**os.environ, "LORAFLEET_DATA_DIR": str(data_dir), "LORAFLEET_SCHEDULER_INTERVAL_S": "0.5",
            "PYTHONUNBUFFERED": "1"}
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - lives as long as the server

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.local_ray import auth_env, ensure_token, start_local_ray, stop_local_ray
+from workers.local_ray import auth_env, ensure_token, free_port, start_local_ray, stop_local_ray
 from workers.storage import LocalStore, S3Store
 
 # Ray reads RAY_AUTH_MODE when it is first imported, so token auth for the session's local Ray
@@ -48,16 +48,11 @@ def pytest_report_header(config):
     return f"PostgreSQL: {PG_URL}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-compatible HTTP endpoint on 127.0.0.1 (moto server subprocess)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

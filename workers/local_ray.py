@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -79,7 +80,7 @@ def start_local_ray(state_dir: Path, *, num_cpus: int | None = None, reuse: bool
         info = json.loads(record.read_text())
         if dashboard_alive(info["dashboard"], token):
             return info
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     # Ray's session dir holds sockets whose paths must stay short: keep it under /tmp.
     temp_dir = f"/tmp/lf-ray-{os.getpid()}-{gcs_port}"
     cmd = [_ray_cli(), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
@@ -90,7 +91,7 @@ def start_local_ray(state_dir: Path, *, num_cpus: int | None = None, reuse: bool
     for flag in ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                  "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
                  "object-manager-port"):
-        cmd.append(f"--{flag}={_free_port()}")
+        cmd.append(f"--{flag}={free_port()}")
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     # The node inherits this environment: keep the control plane's secrets out of it.

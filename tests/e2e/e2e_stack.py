@@ -5,18 +5,14 @@ from __future__ import annotations
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
+from workers.local_ray import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
@@ -27,7 +23,7 @@ class Stack:
     """
 
     def __init__(self, data_dir: Path, ray_dashboard: str | None = None):
-        self.data_dir, self.port, self.serve_port = data_dir, _free_port(), _free_port()
+        self.data_dir, self.port, self.serve_port = data_dir, free_port(), free_port()
         self.serving = ray_dashboard is None
         self.env = {**os.environ, "LORAFLEET_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1",
                     "LORAFLEET_SCHEDULER_INTERVAL_S": "0.5", "LORAFLEET_TENANT_MAX_CONCURRENT_JOBS": "2"}
