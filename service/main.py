@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,6 +58,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_prepare, settings, factory)
+        # Everything alive now (modules, routes, schemas, the app) lives as long as the
+        # process: move it out of the collector's reach, so that a full collection walks only
+        # what requests allocate (it took ~50 ms, a latency spike, with all of it included).
+        gc.collect()
+        gc.freeze()
         async with httpx.AsyncClient(timeout=settings.serve_timeout_s) as client:
             app.state.http = client
             yield

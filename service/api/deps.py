@@ -13,6 +13,7 @@ import anyio
 import anyio.to_thread
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -34,11 +35,13 @@ Credentials = HTTPAuthorizationCredentials | None
 T = TypeVar("T")
 
 
-def get_settings(request: Request) -> Settings:
+# The plain getters are ``async`` on purpose: FastAPI runs a sync dependency in its thread
+# pool, a thread hop per request for an attribute read.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
@@ -55,17 +58,28 @@ class ReadDatabase:
 
     def __init__(self, factory: sessionmaker[Session], *, max_threads: int):
         self._factory = factory
+        # The factory's (autocommit) engine, for Core reads that need no Session.
+        self._engine: Engine = factory.kw["bind"]
         self._limiter = anyio.CapacityLimiter(max_threads)
 
     async def run(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(self._call, fn, kwargs, limiter=self._limiter)
 
+    async def rows(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """Like ``run``, but ``fn`` gets a bare autocommit Connection: for Core selects on the
+        hot read routes, without a Session's set-up and teardown."""
+        return await anyio.to_thread.run_sync(self._call_on_connection, fn, kwargs, limiter=self._limiter)
+
     def _call(self, fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
         with self._factory() as session:
             return fn(session, **kwargs)
 
+    def _call_on_connection(self, fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        with self._engine.connect() as conn:
+            return fn(conn, **kwargs)
 
-def get_read_db(request: Request) -> ReadDatabase:
+
+async def get_read_db(request: Request) -> ReadDatabase:
     return request.app.state.read_db
 
 

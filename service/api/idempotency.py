@@ -123,9 +123,12 @@ class IdempotencyMiddleware:
         self.app, self.settings, self.factory, self.principals = app, settings, factory, principals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = Headers(scope=scope) if scope["type"] == "http" else None
-        key = headers.get("idempotency-key") if headers is not None else None
-        if scope["type"] != "http" or scope["method"] != "POST" or not key:
+        if scope["type"] != "http" or scope["method"] != "POST":  # reads pass straight through
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        key = headers.get("idempotency-key")
+        if not key:
             await self.app(scope, receive, send)
             return
         if len(key) > MAX_KEY_LENGTH:

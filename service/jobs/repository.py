@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Integer, RowMapping, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import Checkpoint, Job, JobEventRow
@@ -62,6 +63,47 @@ def list_jobs(session: Session, *, tenant_id: str, after: str | None = None, lim
     if status is not None:
         query = query.where(Job.status == status)
     return fetch_page(session, query, Job.id, after=after, limit=limit)
+
+
+# Read routes (GET a job, list pages) select plain Core row mappings: no Session, identity map or
+# instance state, which were most of a poll's CPU. The keys are the ORM attribute names
+# (``metadata`` comes back as ``user_metadata``).
+_jobs = Job.__table__
+JOB_ROW_COLUMNS = tuple(c.label("user_metadata") if c.name == "metadata" else c for c in _jobs.c)
+_JOB_ROW_FOR_TENANT = select(*JOB_ROW_COLUMNS).where(
+    _jobs.c.id == bindparam("job_id"), _jobs.c.tenant_id == bindparam("tenant_id"))
+
+
+def get_job_row(db: Connection | Session, *, tenant_id: str, job_id: str) -> RowMapping:
+    """``get_job_for_tenant`` as a read-only row (another tenant's job is NotFound too)."""
+    row = db.execute(_JOB_ROW_FOR_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).mappings().one_or_none()
+    if row is None:
+        raise NotFound(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
+    return row
+
+
+@functools.cache
+def _job_page_query(by_status: bool, after: bool) -> Select[Any]:
+    """``list_jobs``'s query, built once per shape with bind parameters (a page is one of
+    four statements: no per-request construction or cache-key walk of a fresh select)."""
+    query = select(*JOB_ROW_COLUMNS).where(_jobs.c.tenant_id == bindparam("tenant_id"))
+    if by_status:
+        query = query.where(_jobs.c.status == bindparam("status"))
+    if after:
+        query = query.where(_jobs.c.id < bindparam("after"))
+    return query.order_by(_jobs.c.id.desc()).limit(bindparam("limit", type_=Integer))
+
+
+def list_job_rows(db: Connection | Session, *, tenant_id: str, after: str | None = None, limit: int = 20,
+                  status: str | None = None) -> Page[RowMapping]:
+    """``list_jobs`` as read-only rows (same order and cursor: newest first, ids below ``after``)."""
+    params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit + 1}
+    if status is not None:
+        params["status"] = status
+    if after is not None:
+        params["after"] = after
+    rows = db.execute(_job_page_query(status is not None, after is not None), params).mappings().all()
+    return Page(items=rows[:limit], has_more=len(rows) > limit)
 
 
 def count_jobs(session: Session, *, tenant_id: str, statuses: Iterable[str]) -> int:

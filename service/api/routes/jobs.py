@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from starlette.responses import Response
 
 from service.api.deps import CurrentTenant, ReadDB, SessionDep
-from service.api.schemas.common import After, Limit, ListPage, to_page
+from service.api.schemas.common import After, Limit, ListPage, json_response, to_page
 from service.api.schemas.jobs import CheckpointPublic, EventPublic, JobCreate, JobPublic
 from service.jobs import repository as jobs
 from service.jobs.states import JOB_STATUSES
@@ -31,16 +32,16 @@ def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep) -> J
     return JobPublic.of(job)
 
 
-@router.get("")
+@router.get("", response_model=ListPage[JobPublic])
 async def list_jobs(tenant: CurrentTenant, db: ReadDB, limit: Limit = 20, after: After = None,
-                    status: StatusFilter = None) -> ListPage[JobPublic]:
-    page = await db.run(jobs.list_jobs, tenant_id=tenant.tenant_id, after=after, limit=limit, status=status)
-    return to_page(page, JobPublic.of)
+                    status: StatusFilter = None) -> Response:
+    page = await db.rows(jobs.list_job_rows, tenant_id=tenant.tenant_id, after=after, limit=limit, status=status)
+    return json_response(ListPage[JobPublic].of([JobPublic.of(r) for r in page.items], page.has_more))
 
 
-@router.get("/{job_id}")
-async def get_job(job_id: str, tenant: CurrentTenant, db: ReadDB) -> JobPublic:
-    return JobPublic.of(await db.run(jobs.get_job_for_tenant, tenant_id=tenant.tenant_id, job_id=job_id))
+@router.get("/{job_id}", response_model=JobPublic)
+async def get_job(job_id: str, tenant: CurrentTenant, db: ReadDB) -> Response:
+    return json_response(JobPublic.of(await db.rows(jobs.get_job_row, tenant_id=tenant.tenant_id, job_id=job_id)))
 
 
 @router.post("/{job_id}/cancel")

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, field_validator
+from starlette.responses import Response
 
 from service.db.pages import Page
 
@@ -61,3 +62,14 @@ class ListPage(BaseModel, Generic[T]):
 
 def to_page(page: Page[Any], convert: Callable[[Any], T]) -> ListPage[T]:
     return ListPage[T].of([convert(row) for row in page.items], page.has_more)
+
+
+def json_response(model: BaseModel) -> Response:
+    """The bytes FastAPI would send for ``model`` as the route's response model.
+
+    For the hot read routes (polling a job, list pages): FastAPI validates a returned model
+    again against the route's response model before dumping it, a second pass over every
+    item of a page. The route still declares ``response_model`` (OpenAPI is unchanged) and
+    builds ``model`` as exactly that type, so the dump is the same pydantic-core serialiser.
+    """
+    return Response(model.__pydantic_serializer__.to_json(model), media_type="application/json")

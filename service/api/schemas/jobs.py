@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -122,22 +123,30 @@ class JobPublic(BaseModel):
     integrations: list[Any] = []
 
     @classmethod
-    def of(cls, j: Job) -> JobPublic:
-        hp = j.hyperparameters
-        return cls(
-            id=j.id, model=j.model, status=j.status, created_at=j.created_at,
-            finished_at=j.finished_at, fine_tuned_model=j.fine_tuned_model,
-            training_file=j.training_file, validation_file=j.validation_file,
-            hyperparameters=OpenAIHyperparametersOut(
-                n_epochs=hp["n_epochs"], batch_size=hp["batch_size"],
-                learning_rate_multiplier=hp["learning_rate"] / BASE_LEARNING_RATE),
-            method={"type": j.method, j.method: {"hyperparameters": hp}},
-            resources=j.resources, seed=j.seed, user_provided_suffix=j.suffix,
-            metadata=j.user_metadata,
-            error=JobError(code=j.error_code, message=j.error_message, param=j.error_param)
-            if j.error_code else None,
-            trained_tokens=j.trained_tokens, estimated_finish=j.estimated_finish,
-            organization_id=j.tenant_id)
+    def of(cls, j: Job | Mapping[str, Any]) -> JobPublic:
+        """From an ORM Job or a Core row mapping (``jobs.repository.get_job_row``: the read
+        routes). One dict validated in pydantic's core, not nested model constructors in Python."""
+        m = j if isinstance(j, Mapping) else {k: getattr(j, k) for k in _JOB_KEYS}
+        hp, method = m["hyperparameters"], m["method"]
+        return cls.model_validate({
+            "id": m["id"], "model": m["model"], "status": m["status"], "created_at": m["created_at"],
+            "finished_at": m["finished_at"], "fine_tuned_model": m["fine_tuned_model"],
+            "training_file": m["training_file"], "validation_file": m["validation_file"],
+            "hyperparameters": {"n_epochs": hp["n_epochs"], "batch_size": hp["batch_size"],
+                                "learning_rate_multiplier": hp["learning_rate"] / BASE_LEARNING_RATE},
+            "method": {"type": method, method: {"hyperparameters": hp}},
+            "resources": m["resources"], "seed": m["seed"], "user_provided_suffix": m["suffix"],
+            "metadata": m["user_metadata"],
+            "error": {"code": m["error_code"], "message": m["error_message"], "param": m["error_param"]}
+            if m["error_code"] else None,
+            "trained_tokens": m["trained_tokens"], "estimated_finish": m["estimated_finish"],
+            "organization_id": m["tenant_id"]})
+
+
+# What JobPublic.of reads from an ORM Job (a row mapping has these keys already).
+_JOB_KEYS = ("id", "model", "status", "created_at", "finished_at", "fine_tuned_model", "training_file",
+             "validation_file", "hyperparameters", "method", "resources", "seed", "suffix", "user_metadata",
+             "error_code", "error_message", "error_param", "trained_tokens", "estimated_finish", "tenant_id")
 
 
 class EventPublic(BaseModel):
