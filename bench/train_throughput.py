@@ -14,9 +14,9 @@ Llama-2-7B, 6% for TinyLlama-1.1B, 20-30% for 0.5-1B models with 128-152k vocabu
 Same model, same Alpaca-like data (generated: mean ~150 tokens of tiny-llama's byte-level BPE,
 log-normal spread), same LoRA config, learning rate, effective batch (4 x 4 accumulation) and
 number of optimizer steps. The reference is HF `Trainer` on `tokenizer(..., padding="max_length",
-truncation=True, max_length=512)`; ours is workers.train.loop.run_training (packing by default,
-`--batching pad` for length-grouped padding). Eval loss is the same full-logits function for
-both: mean loss on the held-out responses.
+truncation=True, max_length=512)`; ours is workers.train.loop.run_training, once packing (the
+default) and once with length-grouped padding (`batching="pad"`). Eval loss is the same
+full-logits function for both: mean loss on the held-out responses.
 
     python bench/train_throughput.py [--quick] [--json PATH] [--method lora|qlora] [--model llama-32k|tiny-llama]
 """

@@ -87,6 +87,20 @@ def label_loss(net, batch: Batch, device, n_items: int) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets[wanted], reduction="sum") / n_items
 
 
+def eval_mode(model) -> None:
+    """``model.eval()``, but bitsandbytes 4-bit layers stay in training mode: on a CPU with
+    AVX512-BF16, an eval-mode forward repacks their weights into an inference-only layout
+    through which later training silently backpropagates no gradient (bitsandbytes 0.50)."""
+    model.eval()
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.train()  # no dropout or other train-only behaviour of its own
+
+
 def read_dataset(store: ObjectStore, key: str, expected_sha256: str | None, tokenizer, max_len: int):
     """Download, verify and encode a JSONL file. Returns (examples, stats, sha256)."""
     def fetch() -> bytes:
@@ -272,7 +286,7 @@ class _Run:
     def evaluate(self) -> dict[str, float] | None:
         if not self.val_set:
             return None
-        self.model.eval()
+        eval_mode(self.model)
         loss_sum, n_items = 0.0, 0
         for batch in self._batches(0, self.val_set, seed_offset=10_000):
             loss_sum += label_loss(self.model, batch, self.device, 1).item()
