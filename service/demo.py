@@ -143,9 +143,9 @@ def main() -> int:
     finally:
         with stages.stage("Shut down"):
             if proc is not None:
-                proc.terminate()
+                proc.terminate()  # the server stops its scheduler and the serving app
                 try:
-                    proc.wait(30)
+                    proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
             shutdown_local_ray(embedded_settings(data_dir=data_dir))

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,10 @@ def run_stack(settings: Settings | None = None, *, serving: bool = True, serve_p
         server.should_exit = True
 
     threading.Thread(target=watch, daemon=True).start()
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises SIGTERM after its graceful exit; as KeyboardInterrupt it still lets
+        # the cleanup below stop the scheduler and the serving app instead of killing us outright.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()  # blocks; handles SIGINT/SIGTERM by exiting
     finally:
@@ -137,9 +142,14 @@ def run_stack(settings: Settings | None = None, *, serving: bool = True, serve_p
         if serving_proc is not None:
             serving_proc.terminate()
             try:
-                serving_proc.wait(30)
-            except subprocess.TimeoutExpired:
+                serving_proc.wait(10)
+            except subprocess.TimeoutExpired:  # a Ray driver can ignore SIGTERM mid-shutdown
                 serving_proc.kill()
+                serving_proc.wait(10)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def shutdown_local_ray(settings: Settings) -> None:
