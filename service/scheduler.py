@@ -44,8 +44,17 @@ class LeaderLock:
         self._engine, self._conn, self._fd = engine, None, None
 
     def acquire(self) -> bool:
-        if self._conn is not None or self._fd is not None:
+        if self._fd is not None:
             return True
+        if self._conn is not None:
+            try:  # the lock lives as long as this connection: a dropped one means we lost it
+                self._conn.execute(text("SELECT 1"))
+                self._conn.commit()
+                return True
+            except Exception:  # noqa: BLE001 - any failure: stop leading, try again below
+                log.warning("scheduler lost its database connection; leadership released")
+                self._conn.invalidate()
+                self._conn = None
         if self._engine.dialect.name == "postgresql":
             conn = self._engine.connect()
             if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}).scalar():
@@ -175,7 +184,9 @@ class Scheduler:
     def _run_ended_without_result(self, job_id: str, sub: str, state: RunState) -> None:
         # The worker reports success or failure to the control plane before it exits; a run that
         # ended without doing so crashed (driver killed, node lost, Train retries exhausted).
-        reason = self.launcher.message(sub)[:500]
+        # Ray's message can carry the driver's log tail (paths, tracebacks): ours only, not the tenant's.
+        log.warning("run %s ended (%s) without a result: %s", sub, state.value,
+                    self.launcher.message(sub)[:2000])
         with session_scope(self.sessions) as s:
             job = s.get(Job, job_id)
             if job is None or job.status != states.RUNNING:
@@ -183,12 +194,12 @@ class Scheduler:
             try:
                 if job.attempts < self.settings.max_job_attempts:
                     states.transition(s, job, states.QUEUED, message=(
-                        f"Run {sub} ended ({state.value}) without a result; requeued, resuming "
-                        f"from step {job.last_checkpoint_step or 0}. {reason}".strip()))
+                        f"The training run stopped unexpectedly; requeued, resuming from step "
+                        f"{job.last_checkpoint_step or 0}"))
                 else:
                     states.transition(s, job, states.FAILED, error_code="worker_lost",
-                                      error_message=f"the run failed {job.attempts} times; last: "
-                                      f"{state.value}. {reason}".strip(),
+                                      error_message=f"the training run stopped unexpectedly "
+                                      f"{job.attempts} times",
                                       message="Job failed: training runs kept crashing")
             except InvalidTransition:
                 pass

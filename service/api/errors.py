@@ -8,6 +8,8 @@ the request id and no traceback.
 
 from __future__ import annotations
 
+import logging
+
 from http import HTTPStatus
 from typing import Any
 
@@ -37,6 +39,8 @@ STATUS_BY_ERROR: list[tuple[type[domain.DomainError], int]] = [
 CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                   405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                   422: "validation_error", 429: "rate_limited", 503: "service_unavailable"}
+
+log = logging.getLogger(__name__)
 
 
 # RFC 9110 renamed 422; Python's HTTPStatus still has the old phrase.
@@ -111,7 +115,10 @@ def internal_error(scope: dict[str, Any]) -> JSONResponse:
 
 
 async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
-    return problem(request, 503, code="storage_unavailable", detail=f"object store error: {exc}")
+    # The store's own message names endpoints, buckets and keys: for the log, not the client.
+    log.warning("object store error on %s: %s", request.url.path, exc)
+    return problem(request, 503, code="storage_unavailable",
+                   detail="the object store is unavailable; try again later")
 
 
 async def _data_error(request: Request, exc: DataError) -> JSONResponse:

@@ -178,7 +178,9 @@ class IdempotencyMiddleware:
                 status = message["status"]
                 content_type = Headers(raw=message.get("headers", [])).get("content-type")
                 streaming = (content_type or "").startswith(("text/event-stream", "application/octet-stream"))
-                keep = not streaming and status < 500 and status not in _NOT_STORED
+                # A new API key's secret is shown once and never stored, not even for replays.
+                keep = (not streaming and status < 500 and status not in _NOT_STORED
+                        and not scope["path"].endswith("/api_keys"))
                 if not keep:
                     await settle(store=False)
             elif message["type"] == "http.response.body" and keep:

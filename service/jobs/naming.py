@@ -15,10 +15,11 @@ def _slug(text: str) -> str:
 
 
 def adapter_id_for(job: Job) -> str:
-    """``ft-<base short>-<suffix or 'lora'>-<8 hex>``: URL-safe, stable for the job, unique per job."""
+    """``ft-<base short>-<suffix or 'lora'>-<16 hex>``: URL-safe, stable for the job, unique per job."""
     base = _slug(job.model.rsplit("/", 1)[-1]) or "model"
     suffix = _slug(job.suffix or "") or "lora"
-    return f"ft-{base}-{suffix}-{hashlib.sha256(job.id.encode()).hexdigest()[:8]}"
+    # 64 bits: adapter ids are global keys, and 32 bits would collide around 77k same-named jobs.
+    return f"ft-{base}-{suffix}-{hashlib.sha256(job.id.encode()).hexdigest()[:16]}"
 
 
 def adapter_prefix(job: Job) -> str:

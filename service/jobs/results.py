@@ -21,6 +21,10 @@ from workers.spec import AdapterManifest, TrainResult
 from workers.storage import ObjectNotFound, ObjectStore, StorageError, get_bytes, sha256_of
 
 
+# What `PeftModel.from_pretrained` needs: a manifest without them publishes nothing servable.
+REQUIRED_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+
+
 class ResultRejected(Exception):
     """The reported adapter does not check out; the job fails with ``storage_error``."""
 
@@ -38,11 +42,18 @@ def _verified_manifest(store: ObjectStore, job: Job, result: TrainResult) -> tup
         raise ResultRejected(f"manifest is invalid: {exc.error_count()} errors") from None
     if (manifest.job_id, manifest.tenant_id, manifest.adapter_id) != (job.id, job.tenant_id, adapter_id_for(job)):
         raise ResultRejected("manifest belongs to another job, tenant or adapter")
+    if (manifest.base_model.id, manifest.method) != (job.model, job.method):
+        raise ResultRejected("manifest names another base model or method than the job's")
+    missing = REQUIRED_FILES - manifest.files.keys()
+    if missing:
+        raise ResultRejected(f"manifest lists no {', '.join(sorted(missing))}")
     for name, digest in manifest.files.items():
         try:
             sha, size = sha256_of(store, f"{expected_prefix}/{name}")
         except ObjectNotFound:
             raise ResultRejected(f"adapter file {name} is missing") from None
+        except ValueError:  # a name that is no valid object key ("..", "//")
+            raise ResultRejected(f"adapter file name {name!r} is invalid") from None
         if (sha, size) != (digest.sha256, digest.bytes):
             raise ResultRejected(f"adapter file {name} does not match its manifest checksum")
     return manifest, raw

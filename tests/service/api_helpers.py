@@ -85,17 +85,24 @@ def job_row(app, job_id: str) -> Job:
         return s.get(Job, job_id)
 
 
-def publish_adapter(app, job_id: str, tamper: bool = False) -> str:
-    """Write adapter files + manifest where the worker would; return the manifest key."""
+def publish_adapter(app, job_id: str, tamper: bool = False, drop: str | None = None,
+                    method: str = "lora", extra_name: str | None = None) -> str:
+    """Write adapter files + manifest where the worker would; return the manifest key.
+
+    ``tamper`` corrupts the weights, ``drop`` leaves a file out of the manifest, ``method`` is
+    what the manifest claims, ``extra_name`` lists one more (unstorable) file name."""
     job = job_row(app, job_id)
     prefix, store = adapter_prefix(job), app.state.store
     files = {"adapter_model.safetensors": b"\x00weights" * 100, "adapter_config.json": b'{"r": 8}'}
-    digests = {n: FileDigest(sha256=hashlib.sha256(b).hexdigest(), bytes=len(b)) for n, b in files.items()}
+    digests = {n: FileDigest(sha256=hashlib.sha256(b).hexdigest(), bytes=len(b)) for n, b in files.items()
+               if n != drop}
+    if extra_name:
+        digests[extra_name] = FileDigest(sha256="0" * 64, bytes=1)
     for name, data in files.items():
         put_bytes(store, f"{prefix}/{name}", data + (b"!" if tamper and name.endswith("safetensors") else b""))
     manifest = AdapterManifest(
         adapter_id=adapter_id_for(job), job_id=job.id, tenant_id=job.tenant_id,
-        base_model=BaseModelRef(id=job.model, uri="builtin://lorafleet/tiny-llama"), method="lora",
+        base_model=BaseModelRef(id=job.model, uri="builtin://lorafleet/tiny-llama"), method=method,
         quantization="none", hyperparameters=Hyperparameters(), dataset_sha256="0" * 64, files=digests)
     put_bytes(store, f"{prefix}/manifest.json", manifest.model_dump_json().encode())
     return f"{prefix}/manifest.json"

@@ -7,7 +7,7 @@ import hashlib
 from api_helpers import ADMIN, assert_problem, new_tenant
 from sqlalchemy import select
 
-from service.db.models import ApiKey
+from service.db.models import ApiKey, IdempotencyKey
 
 
 def test_tenant_crud_and_defaults(client):
@@ -77,3 +77,13 @@ def test_register_base_model(client):
     assert "lorafleet/tiny-llama" in ids and "acme/llama-mini" in ids
     bad = {**body, "id": "bad:id/"}
     assert_problem(client.post("/v1/admin/models", json=bad, headers=ADMIN), 422, "validation_error", "id")
+
+
+def test_a_new_keys_secret_is_never_stored_for_idempotent_replay(client, app):
+    tid = client.post("/v1/admin/tenants", json={"name": "secretive"}, headers=ADMIN).json()["id"]
+    headers = {**ADMIN, "Idempotency-Key": "key-create-1"}
+    r = client.post(f"/v1/admin/tenants/{tid}/api_keys", json={"name": "ci"}, headers=headers)
+    assert r.status_code == 201 and r.json()["key"].startswith("lf-")
+    with app.state.session_factory() as s:
+        bodies = s.scalars(select(IdempotencyKey.body)).all()
+    assert not any(r.json()["key"] in body for body in bodies)

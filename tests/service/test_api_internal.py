@@ -70,7 +70,7 @@ def test_result_commits_adapter_and_succeeded_together(client, app, tenant, runn
                     json={"manifest_key": key, "metrics": {"trained_tokens": 1234, "train_loss": 0.5}})
     assert r.status_code == 200, r.text
     adapter_id = r.json()["adapter_id"]
-    assert adapter_id.startswith("ft-tiny-llama-pirate-talk-") and len(adapter_id.rsplit("-", 1)[1]) == 8
+    assert adapter_id.startswith("ft-tiny-llama-pirate-talk-") and len(adapter_id.rsplit("-", 1)[1]) == 16
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=tenant.headers).json()
     assert (job["status"], job["fine_tuned_model"], job["trained_tokens"]) == ("succeeded", adapter_id, 1234)
 
@@ -103,6 +103,31 @@ def test_tampered_adapter_fails_the_job_and_publishes_nothing(client, app, tenan
     assert "checksum" in job["error"]["message"] and job["fine_tuned_model"] is None
     with app.state.session_factory() as s:
         assert s.scalar(select(func.count()).select_from(Adapter).where(Adapter.job_id == job_id)) == 0
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"drop": "adapter_model.safetensors"}, "lists no adapter_model.safetensors"),
+    ({"method": "qlora"}, "another base model or method"),
+    ({"extra_name": "../escape"}, "is invalid"),
+])
+def test_incomplete_or_mismatched_manifest_fails_the_job(client, app, tenant, running, change, reason):
+    job_id, worker = running
+    key = publish_adapter(app, job_id, **change)
+    r = client.post(f"/internal/v1/jobs/{job_id}/result", json={"manifest_key": key}, headers=worker)
+    assert_problem(r, 422, "storage_error", "manifest_key")
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "failed" and reason in job["error"]["message"], job["error"]
+
+
+def test_a_stale_run_cannot_fail_or_checkpoint_a_requeued_job(client, app, tenant, running):
+    job_id, worker = running
+    with app.state.session_factory() as s:
+        states.transition(s, s.get(Job, job_id), states.QUEUED)
+        s.commit()
+    r = client.post(f"/internal/v1/jobs/{job_id}/failure", headers=worker,
+                    json={"code": "internal_error", "message": "old run"})
+    assert_problem(r, 409, "invalid_transition")
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=tenant.headers).json()["status"] == "queued"
 
 
 def test_manifest_outside_the_jobs_prefix_is_rejected(client, app, tenant, running):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator
 from service.api.deps import JobIdFromToken, ReadDB, SessionDep, StoreDep
 from service.api.schemas.common import Strict
 from service.api.schemas.jobs import CheckpointPublic
-from service.errors import ValidationFailed
+from service.errors import InvalidTransition, ValidationFailed
 from service.ids import now
 from service.jobs import repository as jobs
 from service.jobs import states
@@ -50,6 +50,14 @@ class JobStatus(BaseModel):
     status: Literal[states.JOB_STATUSES]  # type: ignore[valid-type]
 
 
+def _active_job(session, job_id: str, to_status: str):
+    """The job, if a run may report on it now: a stale run of a requeued or finished job may not."""
+    job = jobs.get_job(session, job_id=job_id)
+    if job.status not in states.ACTIVE:
+        raise InvalidTransition(job.id, job.status, to_status)
+    return job
+
+
 @router.post("/events", status_code=204)
 def post_events(job_id: JobIdFromToken, body: EventBatch, session: SessionDep) -> Response:
     job = jobs.get_job(session, job_id=job_id)
@@ -65,7 +73,7 @@ def post_events(job_id: JobIdFromToken, body: EventBatch, session: SessionDep) -
 
 @router.post("/checkpoints", status_code=201)
 def post_checkpoint(job_id: JobIdFromToken, body: CheckpointReport, session: SessionDep) -> CheckpointPublic:
-    job = jobs.get_job(session, job_id=job_id)
+    job = _active_job(session, job_id, states.RUNNING)
     if not body.key_prefix.startswith(checkpoint_prefix(job) + "/"):
         raise ValidationFailed(f"key_prefix must be under {checkpoint_prefix(job)}/", param="key_prefix")
     ckpt = jobs.add_checkpoint(session, job=job, step=body.step, key_prefix=body.key_prefix,
@@ -88,7 +96,7 @@ def post_result(job_id: JobIdFromToken, body: TrainResult, session: SessionDep,
 
 @router.post("/failure", status_code=204)
 def post_failure(job_id: JobIdFromToken, body: FailureReport, session: SessionDep) -> Response:
-    job = jobs.get_job(session, job_id=job_id)
+    job = _active_job(session, job_id, states.FAILED)
     states.transition(session, job, states.FAILED, error_code=body.code, error_message=body.message,
                       error_param=body.param, message=f"Job failed: {body.message}")
     session.commit()
