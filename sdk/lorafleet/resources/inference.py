@@ -6,7 +6,17 @@ from ..types import ChatCompletion, ChatCompletionChunk, Completion
 from ._base import Resource, drop_none
 
 
-class ChatCompletions(Resource):
+class _Generation(Resource):
+    """One POST that answers either a whole object or, with ``stream=True``, a stream of chunks."""
+
+    def _generate(self, path: str, body: dict[str, Any], stream: bool, cast, chunk_cast):
+        if stream:
+            body["stream"] = True
+            return self._client._stream(self._core.request("POST", path, json=body, stream=True), chunk_cast)
+        return self._client._run(self._core.request("POST", path, json=body, cast=cast))
+
+
+class ChatCompletions(_Generation):
     def create(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False,
                max_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, stop: str | list[str] | None = None,
@@ -14,13 +24,8 @@ class ChatCompletions(Resource):
         """A ChatCompletion, or with ``stream=True`` a stream of ChatCompletionChunk."""
         body = drop_none(model=model, messages=messages, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, stop=stop, seed=seed, **extra)
-        if stream:
-            body["stream"] = True
-            return self._client._stream(
-                self._core.request("POST", "/v1/chat/completions", json=body, stream=True),
-                ChatCompletionChunk.model_validate)
-        return self._client._run(self._core.request("POST", "/v1/chat/completions", json=body,
-                                                    cast=ChatCompletion.model_validate))
+        return self._generate("/v1/chat/completions", body, stream, ChatCompletion.model_validate,
+                              ChatCompletionChunk.model_validate)
 
 
 class Chat(Resource):
@@ -29,7 +34,7 @@ class Chat(Resource):
         self.completions = ChatCompletions(client)
 
 
-class Completions(Resource):
+class Completions(_Generation):
     def create(self, *, model: str, prompt: str | list[str], stream: bool = False,
                max_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, stop: str | list[str] | None = None,
@@ -37,10 +42,5 @@ class Completions(Resource):
         """A Completion, or with ``stream=True`` a stream of Completion chunks."""
         body = drop_none(model=model, prompt=prompt, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, stop=stop, seed=seed, **extra)
-        if stream:
-            body["stream"] = True
-            return self._client._stream(
-                self._core.request("POST", "/v1/completions", json=body, stream=True),
-                Completion.model_validate)
-        return self._client._run(self._core.request("POST", "/v1/completions", json=body,
-                                                    cast=Completion.model_validate))
+        return self._generate("/v1/completions", body, stream, Completion.model_validate,
+                              Completion.model_validate)
