@@ -121,15 +121,17 @@ class RayJobLauncher:
         return Capacity(cpus=usage.get("CPU", [0, 0])[1], gpus=usage.get("GPU", [0, 0])[1])
 
 
-def job_env(spec_json: str, *, s3_access_key_id: str | None, s3_secret_access_key: str | None,
-            s3_endpoint_url: str | None, threads: int = 1) -> dict[str, str]:
-    """What a run gets: its spec (with its job-scoped token) and object-store credentials only."""
+def job_env(spec_json: str, *, s3_endpoint_url: str | None = None, threads: int = 1) -> dict[str, str]:
+    """What a run gets through its Ray Job: its spec (with its per-run job token) and settings.
+
+    Never a credential of ours: anything here is readable by whoever holds the Ray token (every
+    Ray pod). Object-store credentials live in the Ray pods' own environment (a Secret or the
+    pod's workload identity), and workers read them from there; the database URL, admin token
+    and internal secret never leave the control plane.
+    """
     env = {"LORAFLEET_JOB_SPEC": spec_json, "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    if s3_access_key_id and s3_secret_access_key:
-        env["AWS_ACCESS_KEY_ID"] = s3_access_key_id
-        env["AWS_SECRET_ACCESS_KEY"] = s3_secret_access_key
-    if s3_endpoint_url:
+    if s3_endpoint_url:  # an address, not a secret
         env["AWS_ENDPOINT_URL"] = s3_endpoint_url
     json.loads(spec_json)  # fail here, not in the worker, on a malformed spec
     return env

@@ -1,24 +1,73 @@
 """Credentials the service checks: the admin token and job-scoped worker tokens.
 
-A job token is HMAC-SHA256(internal_secret, job_id): it proves the caller was handed this job's
-spec, is valid for that job only, and needs no table (workers hold no database credentials).
+A job token is self-contained: ``v2.<job id>.<attempt>.<expires at>.<hmac>``, the HMAC-SHA256
+(key: internal_secret) of everything before it. It proves the caller was handed the spec of
+that one run (attempt) of that one job, until it expires, and needs no table (workers hold no
+database credentials). Whether the attempt is still the job's current, active one is the
+internal routes' check (service.api.deps), since only the database knows.
+
+The token rides in the Ray Job's spec, readable by anyone holding the Ray token: the attempt
+and the expiry bound what a leaked one is worth to one run of one job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from dataclasses import dataclass
 
 from service.settings import Settings
 
+_VERSION = "v2"
+# Domain separation: the internal secret may sign other things one day.
+_CONTEXT = b"lorafleet job token\n"
 
-def job_token(job_id: str, settings: Settings) -> str:
+
+@dataclass(frozen=True)
+class JobTokenClaims:
+    job_id: str
+    attempt: int
+    expires_at: int  # Unix seconds
+
+
+def _sign(body: str, settings: Settings) -> str:
     secret = settings.internal_secret.get_secret_value().encode()
-    return hmac.new(secret, job_id.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(secret, _CONTEXT + body.encode(), hashlib.sha256).hexdigest()
+
+
+def job_token(job_id: str, attempt: int, settings: Settings, *, ttl_s: int) -> str:
+    """The token of run ``attempt`` of ``job_id``, valid for ``ttl_s`` seconds from now."""
+    if attempt < 0 or ttl_s <= 0:
+        raise ValueError("attempt must be >= 0 and ttl_s > 0")
+    body = f"{_VERSION}.{job_id}.{attempt}.{int(time.time()) + int(ttl_s)}"
+    return f"{body}.{_sign(body, settings)}"
+
+
+def job_token_claims(token: str, settings: Settings) -> JobTokenClaims | None:
+    """The token's claims if its signature is ours and it has not expired, else None.
+
+    Tokens of the old format (a bare HMAC of the job id: no attempt, no expiry) are refused.
+    """
+    body, _, mac = token.rpartition(".")
+    parts = body.split(".")
+    if len(parts) < 4 or parts[0] != _VERSION:
+        return None
+    if not hmac.compare_digest(mac.encode(), _sign(body, settings).encode()):
+        return None
+    job_id, attempt, expires = ".".join(parts[1:-2]), parts[-2], parts[-1]
+    if not (attempt.isascii() and attempt.isdigit() and expires.isascii() and expires.isdigit()):
+        return None  # cannot happen with our own signature; kept for a misconfigured shared secret
+    if int(expires) <= time.time():
+        return None
+    return JobTokenClaims(job_id=job_id, attempt=int(attempt), expires_at=int(expires))
 
 
 def is_valid_job_token(token: str, job_id: str, settings: Settings) -> bool:
-    return hmac.compare_digest(token.encode(), job_token(job_id, settings).encode())
+    """A signed, unexpired token of ``job_id`` (any attempt: the attempt is checked against the
+    database where it matters, in service.api.deps)."""
+    claims = job_token_claims(token, settings)
+    return claims is not None and hmac.compare_digest(claims.job_id.encode(), job_id.encode())
 
 
 def is_admin_token(token: str, settings: Settings) -> bool:

@@ -13,13 +13,15 @@ import anyio
 import anyio.to_thread
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import TenantPrincipal, check_principal
-from service.errors import Forbidden, Unauthorized
-from service.security import is_admin_token, is_valid_job_token
+from service.db.models import Job
+from service.errors import Conflict, Forbidden, Unauthorized
+from service.jobs import states
+from service.security import is_admin_token, job_token_claims
 from service.settings import Settings
 from service.tenants.repository import hash_key
 from workers.storage import ObjectStore
@@ -113,12 +115,36 @@ async def require_admin(request: Request, creds: Annotated[Credentials, Depends(
         raise Forbidden("not an admin token")
 
 
+def _run_of(session: Session, job_id: str):
+    return session.execute(select(Job.status, Job.attempts).where(Job.id == job_id)).one_or_none()
+
+
+async def _current_run(request: Request, job_id: str, creds: Credentials, *, active: bool) -> str:
+    """Checks a worker's token: signed for this job, unexpired, and of the job's current run
+    (attempt); with ``active``, also that the job still runs. A run that is over (requeued,
+    replaced by a newer run, or its job ended) may no longer report anything."""
+    claims = job_token_claims(creds.credentials, request.app.state.settings) if creds else None
+    if claims is None or claims.job_id != job_id:
+        raise Unauthorized("missing, invalid or expired job token")
+    run = await request.app.state.read_db.run(_run_of, job_id=job_id)
+    if run is None or run.attempts != claims.attempt:
+        raise Conflict("this run of the job is over: a newer run replaced it", code="run_over")
+    if active and run.status not in states.ACTIVE:
+        raise Conflict(f"this run of the job is over: the job is {run.status}", code="run_over")
+    return job_id
+
+
 async def job_from_token(request: Request, job_id: Annotated[str, Path(max_length=64)],
                          creds: Annotated[Credentials, Depends(_job_token)]) -> str:
-    """The job id of an internal route, once the caller proved it holds that job's token."""
-    if creds is None or not is_valid_job_token(creds.credentials, job_id, request.app.state.settings):
-        raise Unauthorized("missing or invalid job token")
-    return job_id
+    """The job id of an internal route that reports on a run: its current run, still active."""
+    return await _current_run(request, job_id, creds, active=True)
+
+
+async def job_from_token_any_status(request: Request, job_id: Annotated[str, Path(max_length=64)],
+                                    creds: Annotated[Credentials, Depends(_job_token)]) -> str:
+    """For the status poll: the current run may read its job's status after the job ended
+    (that is how a worker learns it was cancelled)."""
+    return await _current_run(request, job_id, creds, active=False)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -128,3 +154,4 @@ ReadDB = Annotated[ReadDatabase, Depends(get_read_db)]
 CurrentTenant = Annotated[TenantPrincipal, Depends(current_tenant)]
 AdminDep = Depends(require_admin)
 JobIdFromToken = Annotated[str, Depends(job_from_token)]
+JobIdForStatusPoll = Annotated[str, Depends(job_from_token_any_status)]

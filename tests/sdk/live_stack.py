@@ -132,7 +132,8 @@ class FakeWorker:
             self.adapter_prefix = naming.adapter_prefix(job)
             self.checkpoint_prefix = naming.checkpoint_prefix(job)
             self.base_model, self.method = job.model, job.method
-        token = job_token(job_id, Settings(internal_secret=stack.internal_secret))
+        # attempt 0: start() below moves the job to running without counting a Ray run
+        token = job_token(job_id, 0, Settings(internal_secret=stack.internal_secret), ttl_s=3600)
         self.http = httpx.Client(base_url=f"{stack.base_url}/internal/v1/jobs/{job_id}",
                                  headers={"Authorization": f"Bearer {token}"}, timeout=30)
 

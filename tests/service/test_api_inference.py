@@ -29,7 +29,7 @@ def _adapter_of(client, app, tenant) -> str:
     with app.state.session_factory() as s:
         states.transition(s, s.get(Job, job_id), states.RUNNING)
         s.commit()
-    worker = {"Authorization": f"Bearer {job_token(job_id, app.state.settings)}"}
+    worker = {"Authorization": f"Bearer {job_token(job_id, 0, app.state.settings, ttl_s=3600)}"}
     return client.post(f"/internal/v1/jobs/{job_id}/result", headers=worker,
                        json={"manifest_key": publish_adapter(app, job_id)}).json()["adapter_id"]
 

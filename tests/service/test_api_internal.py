@@ -20,7 +20,12 @@ def running(client, app, tenant):
     with app.state.session_factory() as s:
         states.transition(s, s.get(Job, job_id), states.RUNNING)
         s.commit()
-    return job_id, {"Authorization": f"Bearer {job_token(job_id, app.state.settings)}"}
+    return job_id, {"Authorization": f"Bearer {worker_token(app, job_id)}"}
+
+
+def worker_token(app, job_id: str, attempt: int = 0, ttl_s: int = 3600) -> str:
+    # attempt 0: the fixture moves the job to running itself, without the scheduler counting a run
+    return job_token(job_id, attempt, app.state.settings, ttl_s=ttl_s)
 
 
 def test_events_and_metrics_reach_the_tenant(client, tenant, running):
@@ -57,7 +62,7 @@ def test_checkpoints(client, app, tenant, running):
 def test_wrong_or_missing_token(client, app, running, other_tenant):
     job_id, worker = running
     other_job = create_job(client, other_tenant, uploaded_file(client, other_tenant)).json()["id"]
-    wrong = {"Authorization": f"Bearer {job_token(other_job, app.state.settings)}"}
+    wrong = {"Authorization": f"Bearer {worker_token(app, other_job)}"}
     for headers in ({}, wrong, {"Authorization": "Bearer nope"}):
         assert_problem(client.get(f"/internal/v1/jobs/{job_id}/status", headers=headers), 401, "unauthorized")
     assert client.get(f"/internal/v1/jobs/{job_id}/status", headers=worker).json() == {"status": "running"}
@@ -85,7 +90,7 @@ def test_result_commits_adapter_and_succeeded_together(client, app, tenant, runn
     assert adapter_id in models and "lorafleet/tiny-llama" in models
     # a second report for a finished job is a conflict, not a second adapter
     assert_problem(client.post(f"/internal/v1/jobs/{job_id}/result", headers=worker,
-                               json={"manifest_key": key}), 409, "invalid_transition")
+                               json={"manifest_key": key}), 409, "run_over")
 
     r = client.delete(f"/v1/models/{adapter_id}", headers=tenant.headers)
     assert r.json()["deleted"] is True
@@ -126,7 +131,7 @@ def test_a_stale_run_cannot_fail_or_checkpoint_a_requeued_job(client, app, tenan
         s.commit()
     r = client.post(f"/internal/v1/jobs/{job_id}/failure", headers=worker,
                     json={"code": "internal_error", "message": "old run"})
-    assert_problem(r, 409, "invalid_transition")
+    assert_problem(r, 409, "run_over")
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=tenant.headers).json()["status"] == "queued"
 
 
@@ -140,13 +145,14 @@ def test_manifest_outside_the_jobs_prefix_is_rejected(client, app, tenant, runni
 
 def test_failure_report(client, tenant, running):
     job_id, worker = running
+    assert_problem(client.post(f"/internal/v1/jobs/{job_id}/failure", headers=worker,
+                               json={"code": "made_up", "message": "x"}), 422, "validation_error", "code")
     r = client.post(f"/internal/v1/jobs/{job_id}/failure", headers=worker,
                     json={"code": "training_diverged", "message": "loss is NaN at step 3", "param": "learning_rate"})
     assert r.status_code == 204
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "failed"
     assert job["error"] == {"code": "training_diverged", "message": "loss is NaN at step 3", "param": "learning_rate"}
+    # the run is over: a second report is refused
     assert_problem(client.post(f"/internal/v1/jobs/{job_id}/failure", headers=worker,
-                               json={"code": "made_up", "message": "x"}), 422, "validation_error", "code")
-    assert_problem(client.post(f"/internal/v1/jobs/{job_id}/failure", headers=worker,
-                               json={"code": "worker_lost", "message": "x"}), 409, "invalid_transition")
+                               json={"code": "worker_lost", "message": "x"}), 409, "run_over")

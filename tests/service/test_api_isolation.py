@@ -16,7 +16,7 @@ def test_every_resource_of_a_is_a_404_for_b(client, app, tenant, other_tenant):
     with app.state.session_factory() as s:
         states.transition(s, s.get(Job, job_id), states.RUNNING)
         s.commit()
-    worker = {"Authorization": f"Bearer {job_token(job_id, app.state.settings)}"}
+    worker = {"Authorization": f"Bearer {job_token(job_id, 0, app.state.settings, ttl_s=3600)}"}
     adapter_id = client.post(f"/internal/v1/jobs/{job_id}/result", headers=worker,
                              json={"manifest_key": publish_adapter(app, job_id)}).json()["adapter_id"]
 

@@ -24,7 +24,7 @@ def callers(client):
         states.transition(s, s.get(Job, job_id), states.RUNNING)
         s.commit()
     return {"tenant": tenant.headers, "job_id": job_id,
-            "job": {"Authorization": f"Bearer {job_token(job_id, client.app.state.settings)}"}}
+            "job": {"Authorization": f"Bearer {job_token(job_id, 0, client.app.state.settings, ttl_s=3600)}"}}
 
 
 def _headers(path: str, callers: dict) -> dict[str, str]:

@@ -104,7 +104,9 @@ def load_checkpoint(store: ObjectStore, key: str) -> tuple[dict, dict]:
     with tempfile.TemporaryFile() as f:
         f.write(fetch(TRAINER_STATE))
         f.seek(0)
-        state = torch.load(f, weights_only=False)  # our own file: RNG states are plain objects
+        # weights_only: the bucket is shared, and unpickling arbitrary objects would let anyone
+        # with write access there run code in our workers. Tensors, numbers, tuples only.
+        state = torch.load(f, weights_only=True)
     return weights, state
 
 

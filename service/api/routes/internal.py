@@ -1,7 +1,10 @@
 """Worker → control plane: progress events, checkpoints, the result, failures, status polls.
 
-Authenticated by the job-scoped token (service.security.job_token): a worker can only touch its
-own job, and holds no database credentials.
+Authenticated by the run-scoped job token (service.security.job_token, checked in
+service.api.deps): a worker can only touch its own job, only while its run (attempt) is the
+job's current one and the job is active — 409 ``run_over`` after that, events included; only the
+status poll still answers the current run once the job ended. Workers hold no database
+credentials.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field, field_validator
 
-from service.api.deps import JobIdFromToken, ReadDB, SessionDep, StoreDep
+from service.api.deps import JobIdForStatusPoll, JobIdFromToken, ReadDB, SessionDep, StoreDep
 from service.api.schemas.common import Strict
 from service.api.schemas.jobs import CheckpointPublic
 from service.errors import InvalidTransition, ValidationFailed
@@ -19,6 +22,7 @@ from service.ids import now
 from service.jobs import repository as jobs
 from service.jobs import states
 from service.jobs.naming import checkpoint_prefix
+from service.jobs.public_errors import tenant_failure_message
 from service.jobs.results import commit_result
 from workers.spec import PLATFORM_ERROR_CODES, USER_ERROR_CODES, CheckpointReport, JobEvent, TrainResult
 
@@ -97,12 +101,15 @@ def post_result(job_id: JobIdFromToken, body: TrainResult, session: SessionDep,
 @router.post("/failure", status_code=204)
 def post_failure(job_id: JobIdFromToken, body: FailureReport, session: SessionDep) -> Response:
     job = _active_job(session, job_id, states.FAILED)
-    states.transition(session, job, states.FAILED, error_code=body.code, error_message=body.message,
-                      error_param=body.param, message=f"Job failed: {body.message}")
+    # A platform failure's text comes from Ray, boto, torch...: our log keeps it, the tenant
+    # reads our words (service.jobs.public_errors).
+    message = tenant_failure_message(job_id, body.code, body.message)
+    states.transition(session, job, states.FAILED, error_code=body.code, error_message=message,
+                      error_param=body.param, message=f"Job failed: {message}")
     session.commit()
     return Response(status_code=204)
 
 
 @router.get("/status")
-async def get_status(job_id: JobIdFromToken, db: ReadDB) -> JobStatus:
+async def get_status(job_id: JobIdForStatusPoll, db: ReadDB) -> JobStatus:
     return JobStatus(status=(await db.run(jobs.get_job, job_id=job_id)).status)
