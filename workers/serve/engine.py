@@ -9,6 +9,7 @@ rows leave at once and new ones join at the next step. ``generate_batch`` drives
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -22,6 +23,42 @@ from workers.serve.kv import RowKVCache
 from workers.serve.lora import DEFAULT_WRAPPED, LoraAdapter, wrap_model
 from workers.serve.sampling import SamplingParams, choose, make_generator
 from workers.serve.slots import DeviceSlots
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(RuntimeError):
+    """Why one request ended with ``finish_reason="error"``: a stable code, an HTTP status and
+    our own words for the client. The cause (third-party exception text) stays in our log."""
+
+    def __init__(self, code: str, message: str, status: int = 500):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+# Failures that belong to one request end that request alone; the rest of the batch goes on.
+def _non_finite() -> RequestFailed:
+    return RequestFailed("adapter_numerical_error",
+                         "the model produced non-finite values (inf or NaN) for this request, which "
+                         "usually means its adapter's weights are unusable; the request was stopped",
+                         status=422)
+
+
+def _adapter_placement_failed() -> RequestFailed:
+    return RequestFailed("adapter_load_failed", "the adapter could not be placed on this replica's device")
+
+
+def _prefill_failed() -> RequestFailed:
+    return RequestFailed("generation_failed", "processing this request's prompt failed on this replica")
+
+
+def _detokenize_failed() -> RequestFailed:
+    return RequestFailed("generation_failed", "decoding this request's output failed on this replica")
+
+
+def _engine_failed() -> RequestFailed:
+    return RequestFailed("engine_failed", "the serving engine failed while running this request; "
+                                          "retry it", status=503)
 
 
 @dataclass
@@ -75,6 +112,7 @@ class Engine:
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos_token_id is None:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
         self._ids = itertools.count()
         self._waiting: deque[Request] = deque()
@@ -101,6 +139,8 @@ class Engine:
                on_event: Callable[[Request, str], None] | None = None) -> Request:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:  # would fail the batch's forward
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(prompt_ids) + params.max_tokens > self.max_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds this replica's context of {self.max_len} tokens")
@@ -135,27 +175,43 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
+        """Admit, prefill newcomers, decode every row. A failure of one request (its adapter's
+        placement, its prompt's prefill, its numbers, its detokenising) ends that request alone;
+        an exception escaping this method is engine-wide (the decode forward of the whole batch)
+        and the caller ends everything with ``fail_all``."""
         self.stats["steps"] += 1
         self._drop_cancelled()
-        new = self._admit()
+        new = self._admit()  # already in _running: a failure from here on cannot lose them
         if new:
-            self._prefill(new)
+            try:
+                self._prefill(new)
+            except Exception:  # the prefill forward holds only the newcomers' rows
+                log.exception("prefill of %d new request(s) failed; the running rows go on", len(new))
+                for req in new:
+                    if req.finish_reason is None:
+                        self._fail(req, _prefill_failed())
             self._retire()
         if self._running:
             self._decode()
             self._retire()
 
     def fail_all(self, exc: BaseException) -> None:
-        """The step failed: end every request with the error rather than hang its caller."""
+        """An engine-wide failure: end every request with an error rather than hang its caller.
+        ``exc`` is logged by the caller and kept as the cause, never shown to a client."""
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
-        for req in self._running + waiting:
-            req.error, req.finish_reason = exc, "error"
-            self._notify(req, "")
-        for req in self._running:
+        running, self._running, self._composition = self._running, [], None
+        for req in running:
             if req.adapter is not None:
                 self.slots.release(req.adapter.key)
-        self._running, self._composition = [], None
+        for req in running + waiting:
+            failure = _engine_failed()
+            failure.__cause__ = exc
+            self._fail(req, failure)
+
+    def _fail(self, req: Request, failure: RequestFailed) -> None:
+        req.error, req.finish_reason = failure, "error"
+        self._notify(req, "")
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -168,19 +224,35 @@ class Engine:
         self._retire()
 
     def _admit(self) -> list[Request]:
-        new, budget = [], self.max_prefill_tokens
-        with self._lock:
-            while self._waiting and len(self._running) + len(new) < self.max_batch:
-                req = self._waiting[0]
-                if new and len(req.prompt_ids) > budget:
-                    break
-                budget -= len(req.prompt_ids)
-                if req.adapter is not None:
-                    slot = self.slots.acquire(req.adapter)
-                    if slot is None:  # every slot is held by running rows: wait for one to finish
+        """Move waiting requests into rows (appended to ``_running``), as many as rows, the
+        prefill budget and free adapter slots allow. A request whose adapter cannot be placed
+        is answered with an error at once; no request is ever held only in a local list."""
+        new, failed, budget = [], [], self.max_prefill_tokens
+        try:
+            with self._lock:
+                while self._waiting and len(self._running) + len(new) < self.max_batch:
+                    req = self._waiting[0]
+                    if new and len(req.prompt_ids) > budget:
                         break
-                    req.slot = slot
-                new.append(self._waiting.popleft())
+                    if req.adapter is not None:
+                        try:
+                            slot = self.slots.acquire(req.adapter)
+                        except Exception:
+                            log.exception("placing adapter %s for request %s failed",
+                                          req.adapter.adapter_id, req.id)
+                            failed.append(self._waiting.popleft())
+                            continue
+                        if slot is None:  # every slot is held by running rows: wait for one to finish
+                            break
+                        req.slot = slot
+                    budget -= len(req.prompt_ids)
+                    new.append(self._waiting.popleft())
+        finally:
+            # Even if something above raised: admitted rows are running (fail_all reaches them)
+            # and refused ones are answered, outside the lock (callbacks may take their time).
+            self._running.extend(new)
+            for req in failed:
+                self._fail(req, _adapter_placement_failed())
         return new
 
     def _prepare(self, reqs: list[Request]) -> None:
@@ -204,7 +276,8 @@ class Engine:
         return out.last_hidden_state
 
     def _prefill(self, new: list[Request]) -> None:
-        start, lengths = len(self._running), [len(r.prompt_ids) for r in new]
+        """Prompts of the newcomers (the last rows of ``_running``) into their KV rows."""
+        start, lengths = len(self._running) - len(new), [len(r.prompt_ids) for r in new]
         t = max(lengths)
         ids = torch.zeros(len(new), t, dtype=torch.long)
         for i, r in enumerate(new):  # right padding: a row's tail is never attended to later
@@ -212,7 +285,6 @@ class Engine:
         ids = ids.to(self.device)
         positions = torch.arange(t, device=self.device).expand(len(new), t)
         mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(len(new), 1, t, t)
-        self._running.extend(new)  # before the forward: if it fails, fail_all() ends them too
         self._prepare(new)
         self.kv.prefill(start, len(new))
         hidden = self._forward(ids, positions, mask)
@@ -236,9 +308,14 @@ class Engine:
         self._emit(reqs, self.model.lm_head(hidden[:, -1]))
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        tokens = choose(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        tokens, bad = choose(logits, [r.params for r in reqs], [r.generator for r in reqs])
         now = time.perf_counter()
-        for req, token in zip(reqs, tokens):
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
+            if i in bad:  # this row's numbers broke (its adapter): it alone stops
+                log.warning("request %s (adapter %s): non-finite logits or probabilities; failing "
+                            "it alone", req.id, req.adapter.adapter_id if req.adapter else None)
+                self._fail(req, _non_finite())
+                continue
             req.output_ids.append(token)
             if req.first_token_at is None:
                 req.first_token_at = now
@@ -246,7 +323,13 @@ class Engine:
                 req.finish_reason = "stop"
             elif len(req.output_ids) >= req.params.max_tokens:
                 req.finish_reason = "length"
-            self._notify(req, self._detokenize(req))
+            try:
+                delta = self._detokenize(req)
+            except Exception:
+                log.exception("detokenising request %s failed", req.id)
+                self._fail(req, _detokenize_failed())
+                continue
+            self._notify(req, delta)
 
     def _detokenize(self, req: Request) -> str:
         """New text since the last event; holds back what may still become a stop string or an
@@ -275,7 +358,11 @@ class Engine:
         if req.finish_reason is not None:
             req.finished_at = time.perf_counter()
         if req.on_event is not None:
-            req.on_event(req, delta)
+            try:
+                req.on_event(req, delta)
+            except Exception:  # one caller's broken callback must not fail the batch
+                log.exception("event callback of request %s failed; aborting it", req.id)
+                req.cancelled = True
 
     def _retire(self) -> None:
         """Free the rows of finished requests, filling holes with the last rows (one KV copy each)."""

@@ -18,10 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from workers.serve.adapters import AdapterCache, AdapterError
 from workers.serve.engine import Request
 from workers.serve.lora import AdapterFormatError
-from workers.serve.runner import EngineFailed, EngineRunner
+from workers.serve.engine import RequestFailed
+from workers.serve.runner import EngineRunner
 from workers.serve.sampling import SamplingParams
 
 Kind = Literal["chat", "completion"]
+# Characters one token can stand for when the tokenizer's vocabulary cannot tell us (see
+# ``max_chars_per_token``); generous, so the pre-check never refuses what would fit.
+FALLBACK_CHARS_PER_TOKEN = 64
 PROBLEM_BASE = "https://lorafleet.dev/problems/"
 
 
@@ -109,6 +113,11 @@ class ServingFront:
                  default_max_tokens: int = 256):
         self.runner, self.cache, self.tokenizer = runner, cache, tokenizer
         self.base_model_id, self.default_max_tokens = base_model_id, default_max_tokens
+        self.chars_per_token = max_chars_per_token(tokenizer)
+
+    def check_health(self) -> None:
+        """Raises when this replica cannot serve (``EngineRunner.check_health``)."""
+        self.runner.check_health()
 
     async def run(self, kind: Kind, body: dict) -> AsyncIterator[dict]:
         """Yields ``{"problem": …}`` once, or ``{"response": …}``, or ``{"chunk": …}`` per SSE event."""
@@ -133,8 +142,8 @@ class ServingFront:
             yield {"problem": problem(exc.status, exc.code, str(exc), "model")}
         except AdapterFormatError as exc:
             yield {"problem": problem(422, "adapter_invalid", str(exc), "model")}
-        except EngineFailed as exc:
-            yield {"problem": problem(500, "internal_error", str(exc))}
+        except RequestFailed as exc:  # our words; the cause was logged where it happened
+            yield {"problem": problem(exc.status, exc.code, str(exc))}
         except ValueError as exc:  # Engine.submit: prompt + max_tokens past the context
             yield {"problem": problem(400, "context_length_exceeded", str(exc), "max_tokens")}
 
@@ -165,6 +174,15 @@ class ServingFront:
         return await self.cache.get(ref.id, ref.prefix)
 
     def _encode(self, kind: Kind, req: ChatRequest | CompletionRequest) -> list[int]:
+        limit = self.runner.engine.max_len
+        param = "messages" if kind == "chat" else "prompt"
+        # Before tokenising, which costs CPU in proportion to the text: no token stands for more
+        # than ``chars_per_token`` characters, so a longer text cannot fit in the context.
+        chars = sum(len(m.text()) for m in req.messages) if kind == "chat" else len(req.prompt)
+        if chars >= limit * self.chars_per_token:
+            raise Problem(400, "context_length_exceeded",
+                          f"the prompt has {chars} characters, more than fit in this model's context "
+                          f"of {limit} tokens", param)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -173,11 +191,9 @@ class ServingFront:
             ids = self.tokenizer(req.prompt)["input_ids"]
         if not ids:
             raise Problem(400, "invalid_request", "the prompt is empty", "prompt")
-        limit = self.runner.engine.max_len
         if len(ids) >= limit:
             raise Problem(400, "context_length_exceeded",
-                          f"the prompt has {len(ids)} tokens; this model's context is {limit}",
-                          "messages" if kind == "chat" else "prompt")
+                          f"the prompt has {len(ids)} tokens; this model's context is {limit}", param)
         return list(ids)
 
     # ---- response side ------------------------------------------------------------------------
@@ -231,6 +247,19 @@ class ServingFront:
         engine = self.runner.engine
         return {"base_model_id": self.base_model_id, "engine": {**engine.stats, **engine.load()},
                 "adapters": self.cache.stats()}
+
+
+def max_chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters of text one token can consume: the longest vocabulary
+    entry. Byte-level and SentencePiece entries spell each character with at least one
+    character of their own (byte fallback entries like ``<0x0A>`` only overestimate), so a text
+    of N characters needs at least N / bound tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+        longest = max((len(piece) for piece in vocab), default=0)
+    except Exception:  # noqa: BLE001 - no usable vocabulary: fall back to the generous constant
+        return FALLBACK_CHARS_PER_TOKEN
+    return max(longest, 1) if longest else FALLBACK_CHARS_PER_TOKEN
 
 
 def _new_id(kind: Kind) -> str:

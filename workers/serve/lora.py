@@ -11,6 +11,7 @@ batch composition the engine gathers each row's slot (``prepare``); the forward 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Weights we accept: floating point, never wider than float32 on the wire.
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ADAPTER_CONFIG = "adapter_config.json"
 # Every linear layer of a Llama-style decoder block; adapters may target any subset.
 DEFAULT_WRAPPED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,7 +82,11 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
         config = json.loads(config_json)
         tensors = load_safetensors(safetensors)
     except (ValueError, SafetensorError) as exc:  # bad JSON or a corrupt safetensors header
-        raise AdapterFormatError(f"adapter {adapter_id!r} is unreadable: {exc}") from None
+        log.warning("adapter %s: unreadable files: %s", adapter_id, exc)  # the library's words: ours only
+        raise AdapterFormatError(f"adapter {adapter_id!r} is unreadable: {ADAPTER_CONFIG} or "
+                                 f"{ADAPTER_WEIGHTS} is corrupt") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {ADAPTER_CONFIG} is not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"adapter {adapter_id!r} is {config.get('peft_type')}, not LORA")
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
@@ -86,7 +95,12 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
         unsupported.append("bias")
     if unsupported:
         raise AdapterFormatError(f"adapter {adapter_id!r} uses unsupported LoRA options: {unsupported}")
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    try:
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {ADAPTER_CONFIG} needs numbers r and lora_alpha") from None
+    if rank < 1 or not math.isfinite(alpha):
+        raise AdapterFormatError(f"adapter {adapter_id!r}: r must be at least 1 and lora_alpha finite")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -98,12 +112,26 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
         if set(ab) != {"lora_A", "lora_B"}:
             raise AdapterFormatError(f"adapter {adapter_id!r}: {module} lacks lora_A or lora_B")
         a, b = ab["lora_A"], ab["lora_B"]  # (r, in), (out, r)
+        _check_tensor(adapter_id, f"{module}.lora_A", a)
+        _check_tensor(adapter_id, f"{module}.lora_B", b)
         if a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterFormatError(f"adapter {adapter_id!r}: {module} rank differs from r={rank}")
         weights[module] = (a.t().to(dtype).contiguous(), b.t().to(dtype).contiguous())
     if not weights:
         raise AdapterFormatError(f"adapter {adapter_id!r} holds no LoRA weights")
     return LoraAdapter(key=key, adapter_id=adapter_id, rank=rank, scale=scale, weights=weights)
+
+
+def _check_tensor(adapter_id: str, name: str, t: torch.Tensor) -> None:
+    """A weight one request's rows can use without breaking: 2-D, floating point, finite.
+    (Shapes against the base model's layers: ``DeviceSlots.check``.)"""
+    if t.dtype not in ADAPTER_DTYPES:
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {name} is {str(t.dtype).removeprefix('torch.')}; "
+                                 f"LoRA weights must be float16, bfloat16 or float32")
+    if t.dim() != 2 or 0 in t.shape:
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {name} has shape {tuple(t.shape)}, not a matrix")
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {name} holds non-finite values (inf or NaN)")
 
 
 class MultiLoraLinear(nn.Module):

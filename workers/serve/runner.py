@@ -12,15 +12,23 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from workers.serve.engine import Engine, Request
+import torch
+
+from workers.serve.engine import Engine, Request, RequestFailed
 from workers.serve.lora import LoraAdapter
 from workers.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+# What ``stream`` / ``generate`` raise for a request that ended with an error (stable code,
+# status and our words; the cause is in the log). The old name stays for importers.
+EngineFailed = RequestFailed
+# Engine-wide failures in a row before the replica calls itself unhealthy (Ray replaces it).
+UNHEALTHY_AFTER_FAILURES = 3
 
-class EngineFailed(RuntimeError):
-    """The step loop raised while this request was running."""
+
+class EngineUnhealthy(RuntimeError):
+    """``check_health``: this replica cannot serve (loop gone, device unusable, steps failing)."""
 
 
 class EngineRunner:
@@ -28,6 +36,7 @@ class EngineRunner:
         self.engine = engine
         self._wake = threading.Event()
         self._closed = False
+        self.failures_in_a_row = 0  # engine-wide step failures since the last good step
         self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
         self._thread.start()
 
@@ -44,9 +53,29 @@ class EngineRunner:
                 continue
             try:
                 self.engine.step()
-            except Exception as exc:  # fail the running requests, keep serving the next ones
-                log.exception("engine step failed")
-                self.engine.fail_all(exc)
+                self.failures_in_a_row = 0
+            except Exception as exc:  # engine-wide: fail the running requests, serve the next ones
+                self.failures_in_a_row += 1
+                log.exception("engine step failed; failing every request of this replica")
+                try:
+                    self.engine.fail_all(exc)
+                except Exception:
+                    log.exception("failing the requests after a failed step failed too")
+
+    def check_health(self) -> None:
+        """Raises ``EngineUnhealthy`` when the step loop is gone, the last steps all failed, or
+        a tiny operation on the engine's device fails (e.g. a dead CUDA context)."""
+        if self._closed or not self._thread.is_alive():
+            raise EngineUnhealthy("the engine loop is not running")
+        if self.failures_in_a_row >= UNHEALTHY_AFTER_FAILURES:
+            raise EngineUnhealthy(f"the last {self.failures_in_a_row} engine steps failed")
+        try:
+            probe = torch.ones(2, device=self.engine.device)
+            ok = float((probe + probe).sum().item()) == 4.0  # .item() waits for the device
+        except Exception as exc:
+            raise EngineUnhealthy("the engine's device is unusable") from exc
+        if not ok:
+            raise EngineUnhealthy("the engine's device computes wrong results")
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams,
                      adapter: LoraAdapter | None = None) -> AsyncIterator[tuple[str, Request]]:
@@ -67,7 +96,9 @@ class EngineRunner:
             while True:
                 delta, finish = await queue.get()
                 if finish == "error":
-                    raise EngineFailed(f"generation failed: {req.error}") from req.error
+                    if isinstance(req.error, RequestFailed):
+                        raise req.error
+                    raise RequestFailed("generation_failed", "generation failed on this replica")
                 yield delta, req
                 if finish is not None:
                     return

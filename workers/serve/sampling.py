@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,18 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def choose(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """Greedy rows in one argmax; sampled rows each with their own generator (reproducible by seed
-    whatever else shares the batch)."""
+           generators: list[torch.Generator | None]) -> tuple[list[int], set[int]]:
+    """(next token per row, indices of rows that have no valid next token).
+
+    One row's broken distribution (non-finite logits, e.g. from a poisoned adapter, or
+    probabilities that underflow to nothing) marks that row failed and never raises for the
+    batch. Greedy rows in one argmax; sampled rows each with their own generator (reproducible
+    by seed whatever else shares the batch)."""
+    finite = torch.isfinite(logits).all(-1)
     out = logits.argmax(-1).tolist()
+    bad = {i for i, ok in enumerate(finite.tolist()) if not ok}
     for i, (p, gen) in enumerate(zip(params, generators)):
-        if p.temperature == 0:
+        if p.temperature == 0 or i in bad:
             continue
         probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
         if p.top_p < 1:
@@ -49,5 +56,9 @@ def choose(logits: torch.Tensor, params: list[SamplingParams],
             outside = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keeps the token crossing top_p
             sorted_p[outside] = 0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        total = float(probs.sum())
+        if not math.isfinite(total) or total <= 0 or not bool(torch.isfinite(probs).all()):
+            bad.add(i)  # multinomial would raise for the whole batch
+            continue
         out[i] = int(torch.multinomial(probs, 1, generator=gen))
-    return out
+    return out, bad

@@ -35,7 +35,8 @@ class DeviceSlots:
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_seconds_total": 0.0}
 
     def check(self, adapter: LoraAdapter) -> None:
-        """Refuse what the stacks cannot hold, before the request is queued."""
+        """Refuse what the stacks cannot hold, at load and again before a request is queued:
+        the rank, module names, and every tensor's shape against the base's module."""
         if adapter.rank > self.max_rank:
             raise AdapterFormatError(
                 f"adapter {adapter.adapter_id!r} has rank {adapter.rank}; this replica serves "
@@ -45,6 +46,15 @@ class DeviceSlots:
             raise AdapterFormatError(
                 f"adapter {adapter.adapter_id!r} targets modules the base model does not have "
                 f"or this replica does not wrap: {sorted(unknown)[:3]}")
+        for name, (a, b) in adapter.weights.items():
+            module = self._modules[name]
+            want_a = (module.in_features, adapter.rank)
+            want_b = (adapter.rank, module.out_features)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise AdapterFormatError(
+                    f"adapter {adapter.adapter_id!r}: {name} has lora_A {tuple(a.shape[::-1])} and "
+                    f"lora_B {tuple(b.shape[::-1])}; the base model's layer needs "
+                    f"{want_a[::-1]} and {want_b[::-1]}")
 
     def acquire(self, adapter: LoraAdapter) -> int | None:
         """The adapter's slot with one more reference, or None while every slot is busy."""
@@ -60,8 +70,14 @@ class DeviceSlots:
                 return None
             self.stats["misses"] += 1
             start = time.perf_counter()
-            for name, module in self._modules.items():
-                module.write(slot, *adapter.weights.get(name, (None, None)))
+            try:
+                for name, module in self._modules.items():
+                    module.write(slot, *adapter.weights.get(name, (None, None)))
+            except BaseException:  # leave no half-written slot behind: zero it, free it
+                for module in self._modules.values():
+                    module.write(slot, None, None)
+                self._free.append(slot)
+                raise
             self.stats["load_seconds_total"] += time.perf_counter() - start
             self._resident[adapter.key] = _Resident(slot, adapter, refs=1)
             return slot

@@ -172,17 +172,20 @@ def test_async_runner_batches_concurrent_requests_and_aborts_abandoned_streams(t
 
 
 def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny, prompts, monkeypatch):
+    """A failed prefill ends only its newcomers; a failed decode (engine-wide) ends every row;
+    both in our words, never the exception's text; the loop then serves the next requests."""
     import asyncio
 
     from workers.serve.runner import EngineFailed, EngineRunner
 
     engine = Engine(tiny.base_model(), max_batch=4, max_len=64, adapter_slots=1)
     real_forward = engine._forward
+    fail_on = {1, 3}  # the first prefill; then the decode after the second request's prefill
     calls = {"n": 0}
 
     def flaky(*args):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] in fail_on:
             raise RuntimeError("device fell over")
         return real_forward(*args)
 
@@ -190,11 +193,17 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny, prompts, m
     runner = EngineRunner(engine)
     text = prompts([5], seed=15)[0]
     try:
-        with pytest.raises(EngineFailed, match="device fell over"):
+        with pytest.raises(EngineFailed) as failed:
             asyncio.run(runner.generate(text, GREEDY, tiny.adapter("ad8")))
-        # The failed request gave its slot back: the only slot takes another adapter.
+        assert failed.value.code == "generation_failed" and "fell over" not in str(failed.value)
+        with pytest.raises(EngineFailed) as failed:
+            asyncio.run(runner.generate(text, GREEDY, tiny.adapter("ad8")))
+        assert failed.value.code == "engine_failed" and failed.value.status == 503
+        assert "fell over" not in str(failed.value)
+        # The failed requests gave their slot back: the only slot takes another adapter.
         done = asyncio.run(asyncio.wait_for(runner.generate(text, GREEDY, tiny.adapter("ad16")), 60))
         assert done.output_ids == tiny.reference(text, "ad16", GREEDY.max_tokens)
         assert engine.load() == {"running": 0, "waiting": 0}
+        runner.check_health()  # a good step since: healthy
     finally:
         runner.close()
