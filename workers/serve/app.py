@@ -70,6 +70,11 @@ class LoraReplica:
     async def stats(self) -> dict:
         return await self.front.stats()
 
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy and Ray
+        replaces it (engine loop dead, steps failing, device unusable)."""
+        self.front.check_health()
+
     def __del__(self):
         front = getattr(self, "front", None)
         if front is not None:
