@@ -7,6 +7,12 @@ Inside a replica every request, whatever its adapter, goes to the ONE engine ste
 batches all adapters together: no ``@serve.batch``, which would split batches by model id.
 Deleting an adapter is broadcast to every replica.
 
+The ingress verifies the control plane's signature on every request (``workers.signing``). Its
+keys come from LORAFLEET_SERVE_SIGNING_KEY[_PREVIOUS] in the environment of whoever runs
+``build_app`` (the driver, or on KubeRay the Serve controller on the head pod, whose env has
+them from the chart's Secret), passed to the ingress replica as init arguments: a local Ray
+started before the key existed has no such env in its workers.
+
     serve run workers.serve.app:build_app base_model_uri=builtin://lorafleet/tiny-llama \\
         object_store_url=file:///abs/objects
     python -m workers.serve.app --port 8001 base_model_uri=... object_store_url=...
@@ -15,6 +21,7 @@ Deleting an adapter is broadcast to every replica.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -26,6 +33,9 @@ from workers.serve.adapters import AdapterError
 from workers.serve.front import problem
 from workers.serve.http import create_app
 from workers.serve.replica import ServeConfig, build_front
+from workers.signing import KEY_ENV, PREVIOUS_KEY_ENV, Claims, Verifier
+
+log = logging.getLogger("lorafleet.serve.app")
 
 # Adapters a replica reports to Ray's router as loaded: as many as its device tier holds.
 MULTIPLEX_MAX = int(os.environ.get("LORAFLEET_SERVE_ADAPTER_SLOTS", "32"))
@@ -96,8 +106,10 @@ class _HandleBackend:
             async for item in gen:
                 yield item
             finished = True
-        except Exception as exc:  # noqa: BLE001 - any Ray failure (replica died, rejected) → 503
-            yield {"problem": problem(503, "serving_unavailable", f"no replica answered: {exc}")}
+        except Exception:  # noqa: BLE001 - any Ray failure (replica died, rejected) → 503
+            # Ray's text names actors, nodes and addresses: for our log, not the tenant.
+            log.exception("no replica answered")
+            yield {"problem": problem(503, "serving_unavailable", "no serving replica answered; retry")}
             finished = True
         finally:
             if not finished:
@@ -111,14 +123,35 @@ class _HandleBackend:
         return await self.handle.stats.remote()
 
 
+class _IngressVerifier:
+    """The ingress replica's ``Verifier``, installed by ``Ingress.__init__`` (pickled like
+    ``_HandleBackend``: the instance by value, the class, where the verifier lives, by reference).
+    Until then it knows no key and refuses everything."""
+
+    current: Verifier = Verifier([])
+
+    def check_headers(self, headers) -> Claims:
+        return self.current.check_headers(headers)
+
+    def verify(self, claims: Claims, method: str, path: str, body: bytes) -> Claims:
+        return self.current.verify(claims, method, path, body)
+
+
 _backend = _HandleBackend()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
-@serve.ingress(create_app(_backend))
+@serve.ingress(create_app(_backend, _IngressVerifier()))
 class Ingress:
-    def __init__(self, replica: DeploymentHandle):
+    def __init__(self, replica: DeploymentHandle, signing_keys: list[str]):
         _HandleBackend.handle = replica  # one ingress replica per process
+        _IngressVerifier.current = Verifier(signing_keys)
+        if not _IngressVerifier.current.configured:
+            log.warning("no signing key (%s): every request will be refused", KEY_ENV)
+
+
+def signing_keys_from_env() -> list[str]:
+    return [k for k in (os.environ.get(KEY_ENV), os.environ.get(PREVIOUS_KEY_ENV)) if k]
 
 
 def build_app(args: dict) -> serve.Application:
@@ -138,7 +171,7 @@ def build_app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)),
                            "num_gpus": float(args.get("num_gpus", 0))},
     ).bind(settings)
-    return Ingress.bind(replica)
+    return Ingress.bind(replica, signing_keys_from_env())
 
 
 def main() -> None:

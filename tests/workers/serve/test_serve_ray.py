@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 
 import httpx
-import openai
 import pytest
 
 from workers.serve import synthetic
@@ -15,11 +14,14 @@ BASE_ID = "test/tiny-random-llama"
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_serve_app_answers_with_an_adapter(tiny, ray_cluster, tmp_path):
+def test_ray_serve_app_answers_with_an_adapter(tiny, ray_cluster, tmp_path, monkeypatch):
     import ray
     from ray import serve
 
+    from signed_http import KEY, signed_http, signed_openai
+
     from workers.serve.app import build_app
+    from workers.signing import KEY_ENV
     from workers.storage import LocalStore
 
     store = LocalStore(tmp_path / "objects")
@@ -28,6 +30,7 @@ def test_ray_serve_app_answers_with_an_adapter(tiny, ray_cluster, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    monkeypatch.setenv(KEY_ENV, KEY)  # build_app hands it to the ingress
     ray.init(address=ray_cluster["address"])
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -36,7 +39,12 @@ def test_ray_serve_app_answers_with_an_adapter(tiny, ray_cluster, tmp_path):
                              "max_rank": 16, "adapter_slots": 2, "max_replicas": 1,
                              "num_cpus": 0.5}),
                   name="lorafleet-serve-test", route_prefix="/")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        url = f"http://127.0.0.1:{port}"
+        # Unsigned: refused by the ingress, whatever the routing says.
+        forged = httpx.post(f"{url}/v1/chat/completions", json={"model": "ft-ad8", "messages": []})
+        assert forged.status_code == 401 and forged.json()["code"] == "invalid_signature"
+        assert httpx.get(f"{url}/internal/v1/stats").status_code == 401
+        client = signed_openai(url)
         routing = {"lorafleet": {"adapter": {"id": "ft-ad8", "prefix": prefix, "base_model_id": BASE_ID},
                                  "base_model": {"id": BASE_ID, "uri": str(tiny.base_dir)}}}
         messages = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -48,9 +56,9 @@ def test_ray_serve_app_answers_with_an_adapter(tiny, ray_cluster, tmp_path):
         assert streamed == resp.choices[0].message.content
         base = client.chat.completions.create(model=BASE_ID, messages=messages, max_tokens=8, temperature=0)
         assert base.choices[0].message.content != resp.choices[0].message.content
-        stats = httpx.get(f"http://127.0.0.1:{port}/internal/v1/stats").json()
+        stats = signed_http(url).get("/internal/v1/stats").json()
         assert stats["adapters"]["host"]["loads"] == 1
-        evicted = httpx.delete(f"http://127.0.0.1:{port}/internal/v1/adapters/ft-ad8").json()
+        evicted = signed_http(url).delete("/internal/v1/adapters/ft-ad8").json()
         assert evicted == {"id": "ft-ad8", "evicted": True}
     finally:
         serve.shutdown()
