@@ -17,6 +17,11 @@ DatasetFormat = Literal["chat", "completion", "alpaca", "text"]
 
 # The chapter's reference LLaMA recipe (QLoRA section): attention projections.
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Hyperparameter limits that stand alone (docs/API.md, "Limits"); the rest are at job creation.
+MAX_TARGET_MODULES = 256  # entries of a target_modules list (7 linears x 32 layers fit)
+MAX_SEQ_LENGTH = 32768  # and never more than the base model's context
+MAX_EFFECTIVE_BATCH = 1024  # batch_size x gradient_accumulation_steps
+MAX_MICRO_BATCH_TOKENS = 262144  # batch_size x max_seq_length: one forward's activations
 
 
 class _Strict(BaseModel):
@@ -24,27 +29,33 @@ class _Strict(BaseModel):
 
 
 class Hyperparameters(_Strict):
-    """LoRA hyperparameters with the chapter's defaults (r=8, alpha=2r, dropout 0.05, lr 2e-4)."""
+    """LoRA hyperparameters with the chapter's defaults (r=8, alpha=2r, dropout 0.05, lr 2e-4).
 
-    r: Annotated[int, Field(ge=1, le=1024)] = 8
-    lora_alpha: Annotated[float, Field(gt=0, le=1e4)] | None = None  # None: 2 * r
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    Each bound is in docs/API.md ("Limits"). Those that depend on the base model (r against its
+    max_rank, max_seq_length against its context, target_modules against its layers) and across
+    fields (batch_size x gradient_accumulation_steps) are checked at job creation
+    (``service.catalog.limits``); ``bias`` other than "none" is refused there too (serving
+    cannot apply trained biases)."""
+
+    r: Annotated[int, Field(ge=1, le=256)] = 8
+    lora_alpha: Annotated[float, Field(gt=0, le=2048)] | None = None  # None: 2 * r
+    lora_dropout: Annotated[float, Field(ge=0, le=0.5)] = 0.05
     # A list of module names, a single regex (PEFT full-match semantics) or "all-linear".
     target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | str = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES)
     )
     bias: Literal["none", "all", "lora_only"] = "none"
-    n_epochs: Annotated[int, Field(ge=1, le=100)] = 3
-    batch_size: Annotated[int, Field(ge=1, le=1024)] = 4
-    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 4
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
-    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.03
+    n_epochs: Annotated[int, Field(ge=1, le=50)] = 3
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=256)] = 4
+    learning_rate: Annotated[float, Field(gt=0, le=0.01)] = 2e-4
+    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] = 0.03
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    max_seq_length: Annotated[int, Field(ge=8, le=131072)] = 512
+    max_seq_length: Annotated[int, Field(ge=8, le=MAX_SEQ_LENGTH)] = 512
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     # Our extensions: how often to evaluate and checkpoint (optimizer steps; 0 = only at the end).
-    eval_steps: Annotated[int, Field(ge=0)] = 0
-    checkpoint_steps: Annotated[int, Field(ge=0)] = 0
+    eval_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    checkpoint_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     # "pack" (default) concatenates examples with per-example attention; "pad" pads per batch.
     batching: Literal["pack", "pad"] = "pack"
 
@@ -54,7 +65,11 @@ class Hyperparameters(_Strict):
         if isinstance(v, list):
             if not v:
                 raise ValueError("target_modules must not be empty")
+            if len(v) > MAX_TARGET_MODULES:
+                raise ValueError(f"target_modules lists at most {MAX_TARGET_MODULES} names")
             return v
+        if len(v) > 200:
+            raise ValueError("a target_modules regex has at most 200 characters")
         if v != "all-linear":
             try:
                 re.compile(v)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.catalog.limits import check_hyperparameters
 from service.catalog.repository import get_base_model
 from service.db.models import Job, Tenant
 from service.errors import QuotaExceeded, ValidationFailed
@@ -36,10 +37,8 @@ def submit_job(session: Session, *, tenant_id: str, model: str, training_file: s
     if method not in base.methods:
         raise ValidationFailed(f"base model {model} does not allow method {method!r} "
                                f"(allowed: {', '.join(base.methods)})", param="method.type")
-    if hyperparameters.r > base.max_rank:
-        raise ValidationFailed(f"r={hyperparameters.r} exceeds the maximum rank {base.max_rank} of {model}",
-                               code="invalid_hyperparameters",
-                               param=f"method.{method_type}.hyperparameters.r")
+    # Rank, context, batch, bias and target modules against what this base can train and serve.
+    check_hyperparameters(base, hyperparameters, param=f"method.{method_type}.hyperparameters")
     _usable_file(session, tenant_id=tenant_id, file_id=training_file, param="training_file")
     if validation_file is not None:
         _usable_file(session, tenant_id=tenant_id, file_id=validation_file, param="validation_file")

@@ -39,9 +39,10 @@ class MethodIn(Strict):
 class OpenAIHyperparameters(Strict):
     """The top-level OpenAI hyperparameters, mapped onto ours."""
 
-    n_epochs: Annotated[int, Field(ge=1, le=100)] | Literal["auto"] = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = "auto"
+    # The same limits as Hyperparameters (docs/API.md, "Limits"); 50 x the base rate is its cap.
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=50)] | Literal["auto"] = "auto"
 
 
 class JobCreate(Strict):
@@ -69,7 +70,7 @@ class JobCreate(Strict):
             if top.batch_size != "auto":
                 values["batch_size"] = top.batch_size
             if top.learning_rate_multiplier != "auto":
-                values["learning_rate"] = min(1.0, BASE_LEARNING_RATE * top.learning_rate_multiplier)
+                values["learning_rate"] = BASE_LEARNING_RATE * top.learning_rate_multiplier
         params = getattr(method, method.type)
         if params is not None and params.hyperparameters is not None:
             values.update(params.hyperparameters.model_dump(exclude_unset=True))

@@ -1,0 +1,155 @@
+"""Hyperparameter checks that need the base model or several fields, run when a job is created.
+
+A job the platform cannot train, or whose adapter serving cannot apply, is a 422 naming the
+field now, rather than a ``worker_lost`` after retries or an adapter nobody can use
+(docs/API.md, "Limits"). Bounds on single fields live on ``workers.spec.Hyperparameters``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import regex  # like re, plus a timeout: a tenant's target_modules regex must not hang the API
+
+from service.catalog.architectures import (
+    ASSUMED_LAYERS,
+    SERVABLE_LINEAR,
+    ModelFacts,
+    facts_for,
+    full_names,
+    has_llama_layout,
+)
+from service.db.models import BaseModelRow
+from service.errors import ValidationFailed
+from workers.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH_TOKENS, Hyperparameters
+
+CODE = "invalid_hyperparameters"
+REGEX_BUDGET_S = 0.05  # matching one tenant regex against every module name
+
+
+def check_hyperparameters(base: BaseModelRow, hp: Hyperparameters, *, param: str) -> None:
+    """Raise ValidationFailed (``invalid_hyperparameters``, ``param`` = ``<param>.<field>``) for
+    the first limit ``hp`` breaks on ``base``. ``param``: e.g. ``method.lora.hyperparameters``."""
+
+    def refuse(field: str, message: str) -> None:
+        raise ValidationFailed(message, code=CODE, param=f"{param}.{field}")
+
+    facts = facts_for(base.source_uri, base.architecture)
+    if hp.r > base.max_rank:
+        refuse("r", f"r={hp.r} exceeds the maximum rank {base.max_rank} of {base.id}")
+    if facts.context is not None and hp.max_seq_length > facts.context:
+        refuse("max_seq_length", f"max_seq_length={hp.max_seq_length} exceeds the context of "
+                                 f"{base.id} ({facts.context} tokens)")
+    if hp.batch_size * hp.gradient_accumulation_steps > MAX_EFFECTIVE_BATCH:
+        refuse("gradient_accumulation_steps",
+               f"batch_size x gradient_accumulation_steps = "
+               f"{hp.batch_size * hp.gradient_accumulation_steps}; the limit is {MAX_EFFECTIVE_BATCH}")
+    if hp.batch_size * hp.max_seq_length > MAX_MICRO_BATCH_TOKENS:
+        refuse("batch_size", f"batch_size x max_seq_length = {hp.batch_size * hp.max_seq_length} "
+                             f"tokens per step; the limit is {MAX_MICRO_BATCH_TOKENS}")
+    if hp.bias != "none":
+        refuse("bias", f"bias={hp.bias!r} trains bias vectors that serving cannot apply; use 'none'")
+    problem = target_modules_problem(hp.target_modules, facts)
+    if problem is not None:
+        refuse("target_modules", problem)
+
+
+def target_modules_problem(targets: list[str] | str, facts: ModelFacts) -> str | None:
+    """Why ``targets`` cannot be trained and served on this base, or None."""
+    if targets == "all-linear":
+        # PEFT's all-linear: every linear but the output layer, i.e. exactly the servable ones
+        # for a Llama layout; for other architectures we cannot tell here.
+        return None
+    if isinstance(targets, str):
+        return _regex_problem(targets, facts)
+    bad = [t for t in dict.fromkeys(targets) if not _name_ok(t, facts)]
+    if bad:
+        shown = ", ".join(repr(t) for t in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        return (f"target_modules names modules that {'this base model lacks or ' if has_llama_layout(facts) else ''}"
+                f"serving cannot apply LoRA to: {shown}; use some of {', '.join(SERVABLE_LINEAR)}")
+    return None
+
+
+def _name_ok(target: str, facts: ModelFacts) -> bool:
+    """PEFT matches a name when a module's full name equals it or ends with ``.<name>``: the
+    name must be a dotted suffix of ``model.layers.<i>.<block>.<linear>`` for a real layer."""
+    parts = target.split(".")
+    block = SERVABLE_LINEAR.get(parts[-1])
+    if block is None:
+        return False
+    if not has_llama_layout(facts):
+        return True  # unknown layout: the layer name is all we can check
+    pattern = ["model", "layers", None, block, parts[-1]]  # None: a layer index
+    if len(parts) > len(pattern):
+        return False
+    for want, got in zip(reversed(pattern), reversed(parts)):
+        if want is None:
+            if not (got.isascii() and got.isdigit()) or (facts.layers is not None and int(got) >= facts.layers):
+                return False
+        elif got != want:
+            return False
+    return True
+
+
+def _regex_problem(pattern: str, facts: ModelFacts) -> str | None:
+    """A regex (PEFT full-match) must match some servable layer and nothing else, and must
+    not be one that backtracks for ages in the worker (PEFT matches with stdlib ``re``, which
+    has no timeout: ``(\\w+|\\.)*x`` takes seconds per module name)."""
+    if _nested_repetition(pattern):
+        return ("the target_modules regex repeats a group that itself repeats or alternates, "
+                "which can take exponential time; list the module names instead")
+    if not has_llama_layout(facts):
+        return None  # we do not know this model's module names
+    servable, others = full_names(facts.layers or ASSUMED_LAYERS)
+    deadline = time.monotonic() + REGEX_BUDGET_S
+    try:
+        compiled = regex.compile(pattern)
+        hits, wrong = 0, []
+        for name in servable:
+            hits += compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 0.001)) is not None
+        for name in others:
+            if compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 0.001)) is not None:
+                wrong.append(name)
+    except TimeoutError:
+        return "the target_modules regex takes too long to match module names; simplify it"
+    except regex.error:
+        return "target_modules is not a valid regex"
+    if wrong:
+        return (f"the target_modules regex matches modules serving cannot apply LoRA to: "
+                f"{', '.join(wrong[:5])}")
+    if not hits:
+        return "the target_modules regex matches no layer of this base model"
+    return None
+
+
+def _nested_repetition(pattern: str) -> bool:
+    """Whether a repeat (``*``, ``+``, ``{m,n}`` with n > 1) holds another repeat, an
+    alternation or a back-reference: the shapes of catastrophic backtracking."""
+    from re import _parser  # the stdlib's own parse tree: what PEFT's re.fullmatch will run
+
+    repeats = {_parser.MAX_REPEAT, _parser.MIN_REPEAT, getattr(_parser, "POSSESSIVE_REPEAT", None)}
+    risky = {_parser.BRANCH, _parser.GROUPREF, _parser.GROUPREF_EXISTS}
+
+    def walk(items, inside_repeat: bool) -> bool:
+        for op, arg in items:
+            if op in repeats:
+                lo, hi, body = arg
+                many = hi is _parser.MAXREPEAT or hi > 1
+                if many and inside_repeat:
+                    return True
+                if walk(body, inside_repeat or many):
+                    return True
+            elif op in risky and inside_repeat:
+                return True
+            elif op == _parser.SUBPATTERN and walk(arg[-1], inside_repeat):
+                return True
+            elif op == _parser.BRANCH and any(walk(b, inside_repeat) for b in arg[1]):
+                return True
+            elif op in (_parser.ASSERT, _parser.ASSERT_NOT) and walk(arg[1], inside_repeat):
+                return True
+        return False
+
+    try:
+        return walk(_parser.parse(pattern), False)
+    except Exception:  # noqa: BLE001 - unparsable: compile() reports it
+        return False
