@@ -28,16 +28,26 @@ from service.settings import Settings
 log = logging.getLogger("lorafleet.embedded")
 
 
+def _new_secrets() -> dict[str, str]:
+    return {"admin_token": "lfadmin-" + secrets.token_urlsafe(24),
+            "internal_secret": secrets.token_urlsafe(32),
+            "serve_signing_key": secrets.token_urlsafe(32)}
+
+
 def _persisted_secrets(data_dir: Path) -> dict[str, str]:
     path = data_dir / "secrets.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    values = {"admin_token": "lfadmin-" + secrets.token_urlsafe(24),
-              "internal_secret": secrets.token_urlsafe(32)}
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    values = _new_secrets() | stored
+    if values == stored:
+        return stored
+    # First run, or a data dir from before a secret existed: add the missing ones, keep the rest.
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(values, f)
+    os.replace(tmp, path)
     return values
 
 
@@ -46,10 +56,19 @@ def embedded_settings(**overrides) -> Settings:
     base = Settings(**overrides)
     data_dir = base.data_dir.resolve()
     stored = _persisted_secrets(data_dir)
-    explicit = {k for k in ("admin_token", "internal_secret") if f"LORAFLEET_{k.upper()}" in os.environ}
+    explicit = {k for k in ("admin_token", "internal_secret", "serve_signing_key")
+                if f"LORAFLEET_{k.upper()}" in os.environ}
     fill = {k: v for k, v in stored.items() if k not in explicit and k not in overrides}
     return Settings(**{**overrides, "data_dir": data_dir, **fill,
                        "public_url": overrides.get("public_url") or f"http://{base.host}:{base.port}"})
+
+
+def serving_key_env(settings: Settings) -> dict[str, str]:
+    """LORAFLEET_SERVE_SIGNING_KEY[_PREVIOUS], as ``workers.signing`` reads them."""
+    from workers.signing import KEY_ENV, PREVIOUS_KEY_ENV
+
+    keys = {KEY_ENV: settings.serve_signing_key, PREVIOUS_KEY_ENV: settings.serve_signing_key_previous}
+    return {name: key.get_secret_value() for name, key in keys.items() if key is not None}
 
 
 def start_serving(settings: Settings, ray_info: dict, *, port: int) -> tuple[subprocess.Popen, str]:
@@ -64,9 +83,11 @@ def start_serving(settings: Settings, ray_info: dict, *, port: int) -> tuple[sub
            f"base_model_uri=builtin://{settings.default_base_model}",
            f"object_store_url={settings.effective_object_store_url}",
            f"quantization={settings.serve_quantization}", "max_replicas=1"]
-    # The serving side gets object-store access and the Ray token, none of our secrets.
+    # The serving side gets object-store access, the Ray token and the key that checks the
+    # control plane's signatures: none of our other secrets. Through the environment, never argv.
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
     env |= auth_env(Path(ray_info["token_path"])) | {"RAY_ADDRESS": ray_info["address"]}
+    env |= serving_key_env(settings)
     log = open(settings.data_dir / "serving.log", "ab")  # noqa: SIM115 - lives with the process
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     # URL of the serving application's HTTP endpoint (Ray Serve); the API proxies to it.
     serve_url: str | None = None
+    # Signs every request to serving (workers.signing); serving accepts this key and the previous
+    # one, so a rotation is: new key as current + old as previous, roll out, then drop previous.
+    # Unset: inference answers 503 (serving refuses unsigned requests anyway).
+    serve_signing_key: SecretStr | None = None
+    serve_signing_key_previous: SecretStr | None = None
     # How the embedded stack's serving replica holds the shared base: "nf4" (4-bit) or "none".
     serve_quantization: str = "nf4"
     # URL workers use to reach the control plane's internal endpoints.
@@ -62,6 +67,12 @@ class Settings(BaseSettings):
     db_read_threads: int = Field(8, ge=1, le=256)
     # Timeout for calls proxied to the serving application.
     serve_timeout_s: float = Field(300.0, gt=0)
+    # Seconds a proxied request waits for a free connection to serving before a 503 (never a hang
+    # behind other tenants' long streams).
+    serve_pool_timeout_s: float = Field(2.0, gt=0)
+    # Inference requests (streams included) one tenant may have open through one API process;
+    # past it, 429 with Retry-After (LORAFLEET_TENANT_MAX_CONCURRENT_INFERENCE).
+    tenant_max_concurrent_inference: int = Field(16, ge=1)
     # Runs of one job (first + retries after a crashed run) before it fails with worker_lost.
     max_job_attempts: int = Field(3, ge=1)
     # Cap on concurrently running fine-tunes, on top of what the Ray cluster's CPUs/GPUs allow.

@@ -20,9 +20,14 @@ UPLOAD_LIMIT = 64 * 1024
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+# Signs what the API forwards to serving (tests/service/test_api_inference.py verifies it).
+SERVE_SIGNING_KEY = "test-serve-signing-key"
+
+
 def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:
     return Settings(data_dir=data_dir, database_url=database_url, admin_token=ADMIN_TOKEN,
                     internal_secret="test-internal-secret", max_upload_bytes=UPLOAD_LIMIT,
+                    serve_signing_key=SERVE_SIGNING_KEY,
                     tenant_defaults=TenantDefaults(max_concurrent_jobs=2, max_queued_jobs=5,
                                                    requests_per_minute=10_000),
                     **overrides)

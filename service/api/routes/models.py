@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Request
@@ -17,6 +18,8 @@ from service.api.streams import iter_chunks
 from service.catalog import repository as catalog
 from service.db.models import Adapter, BaseModelRow
 from service.errors import Forbidden, NotFound
+from service.settings import Settings
+from workers.signing import Signer
 from workers.storage import delete_prefix
 
 router = APIRouter(tags=["models"])
@@ -69,22 +72,28 @@ def delete_model(model_id: str, request: Request, tenant: CurrentTenant, session
     session.delete(row)
     session.commit()  # from here on the control plane answers 404 for it
     delete_prefix(store, row.key_prefix + "/")
-    _evict_from_serving(request.app.state.settings.serve_url, model_id)
+    _evict_from_serving(request.app.state.settings, model_id, request.scope["state"]["request_id"])
     return ModelDeleted(id=model_id)
 
 
-def _evict_from_serving(serve_url: str | None, adapter_id: str) -> None:
+def _evict_from_serving(settings: Settings, adapter_id: str, request_id: str) -> None:
     """Free the adapter on every serving replica now rather than when the LRU gets to it.
 
     Best effort: requests for it already answer 404 here, and a replica that missed this
-    evicts it in time; a serving outage must not fail the delete.
+    evicts it in time; a serving outage must not fail the delete. Signed like inference
+    (serving refuses an unsigned eviction): the signature covers this path, so this adapter id.
     """
-    if not serve_url:
+    if not settings.serve_url or settings.serve_signing_key is None:
         return
+    path = f"/internal/v1/adapters/{adapter_id}"
+    signer = Signer(settings.serve_signing_key.get_secret_value())
     try:
-        httpx.delete(f"{serve_url.rstrip('/')}/internal/v1/adapters/{adapter_id}", timeout=5)
+        r = httpx.delete(settings.serve_url.rstrip("/") + quote(path), timeout=5,
+                         headers=signer.headers("DELETE", path, request_id=request_id))
+        if r.status_code != 200:
+            log.warning("serving answered %s to evicting %s (request %s)", r.status_code, adapter_id, request_id)
     except httpx.HTTPError as exc:
-        log.warning("could not evict %s from serving: %s", adapter_id, exc)
+        log.warning("could not evict %s from serving (request %s): %r", adapter_id, request_id, exc)
 
 
 @router.get("/v1/adapters/{adapter_id}")
