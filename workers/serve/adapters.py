@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 
@@ -32,6 +33,8 @@ from workers.spec import AdapterManifest
 from workers.storage import ObjectNotFound, ObjectStore, StorageError, get_bytes
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 class AdapterError(Exception):
@@ -161,14 +164,17 @@ class AdapterCache:
             return get_bytes(self.store, key)
         except ObjectNotFound:
             raise AdapterNotFound(adapter_id, f"adapter {adapter_id!r}: {key} is missing") from None
-        except StorageError as exc:
-            raise AdapterStorageError(adapter_id, f"adapter {adapter_id!r}: {exc}") from None
+        except StorageError as exc:  # the store's text names hosts and buckets: our log only
+            log.warning("adapter %s: reading %s failed: %s", adapter_id, key, exc)
+            raise AdapterStorageError(adapter_id, f"adapter {adapter_id!r} could not be read from "
+                                                  f"the object store; retry") from None
 
     def _load(self, adapter_id: str, prefix: str, key: str) -> LoraAdapter:
         try:
             manifest = AdapterManifest.model_validate(json.loads(self._read(adapter_id, f"{prefix}/{MANIFEST}")))
         except (ValidationError, ValueError) as exc:
-            raise AdapterError(adapter_id, f"adapter {adapter_id!r}: invalid {MANIFEST}: {exc}") from None
+            log.warning("adapter %s: invalid %s: %s", adapter_id, MANIFEST, exc)
+            raise AdapterError(adapter_id, f"adapter {adapter_id!r}: its {MANIFEST} is invalid") from None
         if manifest.adapter_id != adapter_id:
             raise AdapterError(adapter_id, f"{prefix}/{MANIFEST} describes adapter "
                                            f"{manifest.adapter_id!r}, not {adapter_id!r}")

@@ -297,3 +297,26 @@ def test_a_5mb_message_is_refused_without_tokenising(tiny, local_store):
             assert len(tiny.tokenizer(text)["input_ids"]) >= len(text) / front.chars_per_token
     finally:
         runner.close()
+
+
+# ---- our words, not the libraries' ---------------------------------------------------------------------
+
+
+def test_store_and_manifest_failures_reach_the_client_in_our_words(tiny, local_store):
+    from workers.storage import LocalStore, StorageError, put_bytes
+
+    class Flaky(LocalStore):
+        def open(self, key):
+            raise StorageError("EndpointConnectionError: http://10.1.2.3:9000/bucket-secret")
+
+    cache = AdapterCache(Flaky(local_store.root), base_model_id=BASE_ID)
+    with pytest.raises(AdapterError) as refused:
+        asyncio.run(cache.get("ft-x", "tenants/tn_a/adapters/ft-x/v1"))
+    assert refused.value.code == "storage_error" and refused.value.status == 503
+    assert "10.1.2.3" not in str(refused.value) and "bucket" not in str(refused.value)
+
+    prefix = "tenants/tn_a/adapters/ft-y/v1"
+    put_bytes(local_store, f"{prefix}/manifest.json", json.dumps({"adapter_id": 5}).encode())
+    with pytest.raises(AdapterError) as refused:
+        asyncio.run(AdapterCache(local_store, base_model_id=BASE_ID).get("ft-y", prefix))
+    assert str(refused.value) == "adapter 'ft-y': its manifest.json is invalid"
