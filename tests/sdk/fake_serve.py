@@ -1,14 +1,30 @@
 """Stand-in for the serving application behind the control plane's inference proxy: it answers
-with the routing the control plane attached, so tests see which adapter a request reached."""
+with the routing the control plane attached, so tests see which adapter a request reached.
+
+Like the real one, it answers only requests the control plane signed (workers.signing; the key
+comes from LORAFLEET_SERVE_SIGNING_KEY, which tests/sdk/live_stack.py gives the API too)."""
 
 from __future__ import annotations
 
 import json
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from workers.signing import SignatureError, Verifier
+
 app = FastAPI()
+verifier = Verifier.from_env()
+
+
+async def _signed_body(request: Request) -> dict:
+    try:
+        claims = verifier.check_headers(request.headers)
+        raw = await request.body()
+        verifier.verify(claims, request.method, request.url.path, raw)
+    except SignatureError as exc:
+        raise HTTPException(401, f"invalid_signature: {exc.reason}") from None
+    return json.loads(raw)
 
 
 @app.get("/healthz")
@@ -23,7 +39,7 @@ def _answer(body: dict) -> list[str]:
 
 @app.post("/v1/chat/completions")
 async def chat(request: Request):
-    body = await request.json()
+    body = await _signed_body(request)
     words, model = _answer(body), body["model"]
     if not body.get("stream"):
         return JSONResponse({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
@@ -43,7 +59,7 @@ async def chat(request: Request):
 
 @app.post("/v1/completions")
 async def completions(request: Request):
-    body = await request.json()
+    body = await _signed_body(request)
     words, model = _answer(body), body["model"]
     if not body.get("stream"):
         return JSONResponse({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,

@@ -74,11 +74,13 @@ class LiveStack:
 def start_stack(data_dir: Path) -> LiveStack:
     data_dir.mkdir(parents=True, exist_ok=True)
     serve_port, api_port = free_port(), free_port()
+    signing_key = secrets.token_urlsafe(32)  # the fake serving app refuses what the API did not sign
     serve_log, api_log = data_dir / "serve.log", data_dir / "api.log"
     serve = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "fake_serve:app", "--app-dir", str(FAKE_SERVE.parent),
          "--host", "127.0.0.1", "--port", str(serve_port), "--log-level", "warning"],
-        stdout=serve_log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+        stdout=serve_log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, "LORAFLEET_SERVE_SIGNING_KEY": signing_key})
     admin_token, internal_secret = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     env = {**os.environ,
            "LORAFLEET_DATA_DIR": str(data_dir),
@@ -87,6 +89,7 @@ def start_stack(data_dir: Path) -> LiveStack:
            "LORAFLEET_ADMIN_TOKEN": admin_token,
            "LORAFLEET_INTERNAL_SECRET": internal_secret,
            "LORAFLEET_SERVE_URL": f"http://127.0.0.1:{serve_port}",
+           "LORAFLEET_SERVE_SIGNING_KEY": signing_key,
            "LORAFLEET_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
            "LORAFLEET_AUTH_CACHE_TTL_S": "0"}
     api = subprocess.Popen(
