@@ -17,6 +17,8 @@ from enum import Enum
 
 import httpx
 
+from service.scheduling.policy import Capacity
+
 log = logging.getLogger(__name__)
 
 
@@ -34,13 +36,21 @@ class RunState(str, Enum):
 
 
 @dataclass(frozen=True)
-class Capacity:
-    cpus: float
-    gpus: float
+class ClusterResources:
+    total: Capacity
+    available: Capacity  # not held by anything: our runs, serving replicas, other Ray work
 
 
 class LauncherError(Exception):
     """Ray could not be reached or refused the request."""
+
+
+class RayUnavailable(LauncherError):
+    """Ray's dashboard did not answer: nothing about any one job can be learned this tick."""
+
+
+class SubmissionRefused(LauncherError):
+    """Ray answered, and would not accept this one submission."""
 
 
 def ray_token_from_env() -> str | None:
@@ -75,7 +85,7 @@ class RayJobLauncher:
         try:
             return self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
-            raise LauncherError(f"Ray dashboard at {self.address} unreachable: {exc}") from exc
+            raise RayUnavailable(f"Ray dashboard at {self.address} unreachable: {exc}") from exc
 
     def submit(self, sub_id: str, *, env: dict[str, str], num_cpus: float = 0,
                num_gpus: float = 0) -> None:
@@ -93,7 +103,9 @@ class RayJobLauncher:
             return
         if self.state(sub_id) is not RunState.UNKNOWN:
             return  # already submitted: never start a second run
-        raise LauncherError(f"Ray refused submission {sub_id}: {resp.status_code} {resp.text[:300]}")
+        if resp.status_code >= 500:
+            raise RayUnavailable(f"Ray could not take submission {sub_id}: {resp.status_code} {resp.text[:300]}")
+        raise SubmissionRefused(f"Ray refused submission {sub_id}: {resp.status_code} {resp.text[:300]}")
 
     def state(self, sub_id: str) -> RunState:
         resp = self._request("GET", f"/api/jobs/{sub_id}")
@@ -112,13 +124,20 @@ class RayJobLauncher:
         if resp.status_code not in (200, 404):
             raise LauncherError(f"Ray could not stop {sub_id}: {resp.status_code} {resp.text[:300]}")
 
-    def capacity(self) -> Capacity:
-        """Total CPUs and GPUs of the cluster, as Ray's autoscaler reports them."""
+    def resources(self) -> ClusterResources:
+        """The cluster's CPUs and GPUs, in all and not held now, as Ray's autoscaler reports them.
+
+        Held includes the serving replicas' share, so what training may take follows serving.
+        """
         resp = self._request("GET", "/api/cluster_status")
         if resp.status_code != 200:
-            raise LauncherError(f"Ray cluster status: {resp.status_code}")
+            raise RayUnavailable(f"Ray cluster status: {resp.status_code}")
         usage = resp.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
-        return Capacity(cpus=usage.get("CPU", [0, 0])[1], gpus=usage.get("GPU", [0, 0])[1])
+        used_cpu, total_cpu = usage.get("CPU", [0, 0])
+        used_gpu, total_gpu = usage.get("GPU", [0, 0])
+        return ClusterResources(total=Capacity(cpus=total_cpu, gpus=total_gpu),
+                                available=Capacity(cpus=max(0.0, total_cpu - used_cpu),
+                                                   gpus=max(0.0, total_gpu - used_gpu)))
 
 
 def job_env(spec_json: str, *, s3_endpoint_url: str | None = None, threads: int = 1) -> dict[str, str]:

@@ -2,8 +2,13 @@
 
 One leader at a time (a Postgres advisory lock; a file lock on SQLite). Every tick it
 1. stops the runs of jobs being cancelled,
-2. reconciles running jobs with what Ray says (after any restart this is what recovers them),
-3. starts queued jobs while the cluster and each tenant's quota have room, tenants taking turns.
+2. reconciles running jobs with what Ray says (after any restart this is what recovers them) and
+   stops those past their wall-clock limit (`timeout`),
+3. fails jobs queued longer than LORAFLEET_MAX_QUEUE_WAIT_S (`insufficient_resources`),
+4. starts queued jobs as ``service.scheduling.policy.plan`` decides (fair share in GPUs, a
+   reservation for a large job, tenant limits, a bound on Ray Jobs in flight).
+One job's trouble with Ray is that job's: it is logged and the tick goes on; a job whose
+submission Ray keeps refusing fails `submission_failed`. Only an unreachable Ray ends a tick.
 
 Run it inside the embedded server (a thread) or alone: ``python -m service.scheduler``.
 """
@@ -12,23 +17,45 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import threading
-from collections import defaultdict
-from dataclasses import dataclass
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, or_, select, text, true
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import BaseModelRow, File, Job, Tenant
 from service.db.session import make_session_factory, session_scope
 from service.errors import InvalidTransition
-from service.ids import now
 from service.jobs import states
 from service.jobs.naming import adapter_id_for, adapter_prefix, checkpoint_prefix
-from service.jobs.public_errors import tenant_failure_message
-from service.launcher import Capacity, LauncherError, RayJobLauncher, RunState, job_env, submission_id
+from service.launcher import (
+    ClusterResources,
+    LauncherError,
+    RayJobLauncher,
+    RayUnavailable,
+    RunState,
+    SubmissionRefused,
+    job_env,
+    submission_id,
+)
+from service.scheduling.policy import (
+    ZERO,
+    Capacity,
+    ClusterView,
+    Plan,
+    QueuedJob,
+    RunningJob,
+    TenantState,
+    plan,
+    share_of,
+)
 from service.settings import Settings
+from service.tenants.limits import INSUFFICIENT_RESOURCES, demand, limit_violation
 from workers.spec import BaseModelRef, Hyperparameters, Resources, TrainJobSpec
 
 log = logging.getLogger("lorafleet.scheduler")
@@ -86,67 +113,60 @@ class LeaderLock:
             self._fd = None
 
 
-# ------------------------------------------------------------------------------------ fairness
-@dataclass
-class TenantLoad:
-    running: int = 0
-    recent_starts: int = 0  # runs started in the fairness window
-    limit: int = 0
-
-
-def fair_order(queued: list[Job], load: dict[str, TenantLoad]) -> list[Job]:
-    """Queued jobs in the order to start them: tenants take turns.
-
-    Round after round, each tenant under its concurrency limit offers its oldest job; within a
-    round the tenant with fewer running, then fewer recently started, jobs goes first. A tenant
-    with 50 queued jobs therefore gets one start per round, like a tenant with one.
-    """
-    by_tenant: dict[str, list[Job]] = defaultdict(list)
-    for job in sorted(queued, key=lambda j: j.id):
-        by_tenant[job.tenant_id].append(job)
-    load = {t: TenantLoad(l.running, l.recent_starts, l.limit) for t, l in load.items()}
-    order: list[Job] = []
-    while True:
-        ready = [t for t, jobs in by_tenant.items() if jobs and load[t].running < load[t].limit]
-        if not ready:
-            return order
-        ready.sort(key=lambda t: (load[t].running, load[t].recent_starts, by_tenant[t][0].id))
-        for t in ready:
-            order.append(by_tenant[t].pop(0))
-            load[t].running += 1
-            load[t].recent_starts += 1
-
-
-def _demand(job: Job) -> Capacity:
-    res = Resources.model_validate(job.resources or {})
-    return Capacity(cpus=res.num_workers * res.cpus_per_worker, gpus=res.num_workers * res.gpus_per_worker)
-
-
 # ------------------------------------------------------------------------------------ scheduler
+class Launcher(Protocol):
+    """What the scheduler needs of Ray: RayJobLauncher, or the simulated cluster of tests and benches."""
+
+    def submit(self, sub_id: str, *, env: dict[str, str]) -> None: ...
+    def state(self, sub_id: str) -> RunState: ...
+    def message(self, sub_id: str) -> str: ...
+    def stop(self, sub_id: str) -> None: ...
+    def resources(self) -> ClusterResources: ...
+
+
+# Queued jobs read per tenant per tick: bounds one tick's reads at this many × tenants, however
+# long the queues; a tenant that could start more this tick gets them on the next.
+HEADS_PER_TENANT = 4
+# How often queued jobs are checked against max_queue_wait_s (a scan of the whole queue).
+EXPIRY_INTERVAL_S = 60.0
+
+
 class Scheduler:
-    def __init__(self, settings: Settings, engine: Engine, launcher: RayJobLauncher,
-                 *, fairness_window_s: int = 3600):
+    def __init__(self, settings: Settings, engine: Engine, launcher: Launcher,
+                 *, clock: Callable[[], float] = time.time):
         self.settings = settings
         self.engine = engine
         self.sessions: sessionmaker[Session] = make_session_factory(engine)
         self.launcher = launcher
         self.lock = LeaderLock(engine)
-        self.fairness_window_s = fairness_window_s
+        self.clock = clock  # the same clock as the database's timestamps (a simulated one in benches)
+        # Fair-share ledger: decayed GPU- (or CPU-) seconds per tenant. Kept by the leader, rebuilt
+        # from the jobs table whenever it (re)gains leadership.
+        self._usage: dict[str, float] | None = None
+        self._accrued_at = 0.0
+        self._refusals: Counter[str] = Counter()  # Ray's refusals of each running job's submission
+        self._next_expiry = 0.0
+        self.last_plan: Plan | None = None  # what the last dispatch decided (logs, tests, benches)
 
     # One pass. Returns False when another process leads.
     def tick(self) -> bool:
         if not self.lock.acquire():
+            self._usage = None
             return False
+        now = self.clock()
         self._cancel()
-        self._reconcile()
-        self._dispatch()
+        self._reconcile(now)
+        if now >= self._next_expiry:
+            self._expire_queued(now)
+            self._next_expiry = now + EXPIRY_INTERVAL_S
+        self._dispatch(now)
         return True
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 self.tick()
-            except LauncherError as exc:
+            except RayUnavailable as exc:
                 log.warning("scheduler: %s", exc)
             except Exception:  # keep leading through one bad tick; the next retries
                 log.exception("scheduler tick failed")
@@ -156,31 +176,63 @@ class Scheduler:
     # --- 1. cancellations
     def _cancel(self) -> None:
         with session_scope(self.sessions) as s:
-            jobs = s.scalars(select(Job).where(Job.status == states.CANCELLING)).all()
-        for job in jobs:
-            sub = submission_id(job.id, job.attempts)
-            state = self.launcher.state(sub)
-            if not state.terminal:
-                self.launcher.stop(sub)
+            jobs = s.execute(select(Job.id, Job.attempts).where(Job.status == states.CANCELLING)).all()
+        for job_id, attempts in jobs:
+            sub = submission_id(job_id, attempts)
+            try:
                 state = self.launcher.state(sub)
+                if not state.terminal:
+                    self.launcher.stop(sub)
+                    state = self.launcher.state(sub)
+            except RayUnavailable:
+                raise
+            except LauncherError as exc:  # this job's trouble: the others go on
+                log.warning("cancelling %s: %s", sub, exc)
+                continue
             if state.terminal:
-                self._move(job.id, states.CANCELLING, states.CANCELLED, message="Job cancelled")
+                self._move(job_id, states.CANCELLING, states.CANCELLED, message="Job cancelled")
 
-    # --- 2. reconcile running jobs with Ray
-    def _reconcile(self) -> None:
+    # --- 2. reconcile running jobs with Ray; stop those past their wall-clock limit
+    def _reconcile(self, now: float) -> None:
         with session_scope(self.sessions) as s:
-            jobs = s.scalars(select(Job).where(Job.status == states.RUNNING)).all()
-        for job in jobs:
-            sub = submission_id(job.id, job.attempts)
-            state = self.launcher.state(sub)
-            if state is RunState.UNKNOWN:
-                # We crashed between committing `running` and submitting, or Ray lost the run
-                # (a restarted cluster): submit the same submission id; it resumes from its
-                # last checkpoint.
-                log.info("resubmitting %s (unknown to Ray)", sub)
-                self._submit(job.id)
-            elif state.terminal:
-                self._run_ended_without_result(job.id, sub, state)
+            jobs = s.execute(select(Job.id, Job.attempts, Job.started_at, Tenant.max_job_wall_clock_s)
+                             .join(Tenant, Tenant.id == Job.tenant_id)
+                             .where(Job.status == states.RUNNING)).all()
+        for job_id, attempts, started_at, tenant_limit in jobs:
+            sub = submission_id(job_id, attempts)
+            limit = tenant_limit or self.settings.max_job_wall_clock_s
+            try:
+                if limit and started_at is not None and now - started_at > limit:
+                    self._time_out(job_id, sub, limit)
+                    continue
+                state = self.launcher.state(sub)
+                if state is RunState.UNKNOWN:
+                    # We crashed between committing `running` and submitting, Ray lost the run
+                    # (a restarted cluster) or refused it last time: submit the same submission
+                    # id; it resumes from its last checkpoint.
+                    log.info("submitting %s (unknown to Ray)", sub)
+                    self._submit(job_id)
+                elif state.terminal:
+                    self._run_ended_without_result(job_id, sub, state)
+            except RayUnavailable:
+                raise
+            except LauncherError as exc:  # this job's trouble: the others go on
+                log.warning("reconciling %s: %s", sub, exc)
+
+    def _time_out(self, job_id: str, sub: str, limit: int) -> None:
+        self.launcher.stop(sub)  # raises if Ray could not stop it: the next tick tries again
+        with session_scope(self.sessions) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status != states.RUNNING:
+                return
+            kept = (f" Its checkpoints are kept (the last at step {job.last_checkpoint_step})."
+                    if job.last_checkpoint_step else "")
+            try:
+                states.transition(s, job, states.FAILED, error_code="timeout", error_message=(
+                    f"The job ran longer than its wall-clock limit of {limit} s and was stopped.{kept}"),
+                    message="Job failed: wall-clock limit reached")
+            except InvalidTransition:
+                pass
 
     def _run_ended_without_result(self, job_id: str, sub: str, state: RunState) -> None:
         # The worker reports success or failure to the control plane before it exits; a run that
@@ -205,56 +257,149 @@ class Scheduler:
             except InvalidTransition:
                 pass
 
-    # --- 3. start queued jobs
-    def _dispatch(self) -> None:
-        if self.settings.ray_autoscaling:
-            total = Capacity(cpus=float("inf"), gpus=float("inf"))
-        else:
-            total = self.launcher.capacity()
-            if total.cpus <= 0 and total.gpus <= 0:
-                return  # a starting cluster reports no resources yet; the next tick will
+    # --- 3. queued jobs that waited too long
+    def _expire_queued(self, now: float) -> None:
+        wait = self.settings.max_queue_wait_s
+        if wait is None:
+            return
         with session_scope(self.sessions) as s:
-            active = s.scalars(select(Job).where(Job.status.in_(states.ACTIVE))).all()
-            used_cpu = sum(_demand(j).cpus for j in active)
-            used_gpu = sum(_demand(j).gpus for j in active)
-            slots = None if self.settings.max_running_jobs is None else self.settings.max_running_jobs - len(active)
-            # FOR UPDATE SKIP LOCKED: a second scheduler (during a leader hand-over) or an API
-            # cancel holding a row never blocks us, and never gets the same row.
-            queued = s.scalars(select(Job).where(Job.status == states.QUEUED).order_by(Job.id)
-                               .limit(1000).with_for_update(skip_locked=True)).all()
-            if not queued:
-                return
-            load = self._tenant_load(s, {j.tenant_id for j in queued})
+            # Never-started jobs only: a requeued run already had its turn and is resuming.
+            jobs = s.scalars(select(Job).where(Job.status == states.QUEUED, Job.attempts == 0,
+                                               Job.created_at < now - wait)
+                             .order_by(Job.id).limit(500).with_for_update(skip_locked=True)).all()
+            for job in jobs:
+                need = demand(job.resources)
+                states.transition(
+                    s, job, states.FAILED, error_code=INSUFFICIENT_RESOURCES, error_param="resources",
+                    error_message=f"The job waited longer than {wait} s (LORAFLEET_MAX_QUEUE_WAIT_S) "
+                                  f"for {need.gpus:g} GPUs and {need.cpus:g} CPUs.",
+                    message="Job failed: it waited too long for compute")
+
+    # --- 4. start queued jobs
+    def _dispatch(self, now: float) -> None:
+        with session_scope(self.sessions) as s:
+            running = self._running(s, now)
+            cluster = self._cluster_view(running, now)
+            if cluster is None:
+                return  # a starting cluster reports no resources yet; the next tick will
+            self._accrue(s, running, cluster, now)
+            tenants, heads = self._queue(s, cluster)
+            decided = plan(cluster, tenants, heads, running)
+            self.last_plan = decided
             started: list[str] = []
-            for job in fair_order(queued, load):
-                if slots is not None and len(started) >= slots:
-                    break
-                need = _demand(job)
-                if used_cpu + need.cpus > total.cpus or used_gpu + need.gpus > total.gpus:
+            for queued in decided.start:
+                # SKIP LOCKED: a second scheduler (during a leader hand-over) or an API cancel
+                # holding the row never blocks us, and never gets the same row.
+                job = s.scalars(select(Job).where(Job.id == queued.id, Job.status == states.QUEUED)
+                                .with_for_update(skip_locked=True)).one_or_none()
+                if job is None:
                     continue
                 states.transition(s, job, states.RUNNING, attempts=job.attempts + 1,
                                   message=f"Job started (run {submission_id(job.id, job.attempts + 1)})")
-                used_cpu += need.cpus
-                used_gpu += need.gpus
                 started.append(job.id)
+                # Usage is sampled once a tick: a run is charged at least one interval, so one
+                # that ends before the next tick still costs its tenant its turn.
+                self._usage[job.tenant_id] = (self._usage.get(job.tenant_id, 0.0) + share_of(queued.need, cluster)
+                                              * self.settings.scheduler_interval_s)
         # Committed as running first, then submitted: a crash in between is healed by
         # _reconcile (unknown to Ray → submitted with the same id), never a double run.
         for job_id in started:
             self._submit(job_id)
 
-    def _tenant_load(self, s: Session, tenant_ids: set[str]) -> dict[str, TenantLoad]:
-        load = {t.id: TenantLoad(limit=t.max_concurrent_jobs if t.status == "active" else 0)
-                for t in s.scalars(select(Tenant).where(Tenant.id.in_(tenant_ids)))}
-        running = s.execute(select(Job.tenant_id, func.count()).where(
-            Job.tenant_id.in_(tenant_ids), Job.status.in_(states.ACTIVE)).group_by(Job.tenant_id))
-        for tenant_id, n in running:
-            load[tenant_id].running = n
-        recent = s.execute(select(Job.tenant_id, func.count()).where(
-            Job.tenant_id.in_(tenant_ids), Job.started_at >= now() - self.fairness_window_s)
-            .group_by(Job.tenant_id))
-        for tenant_id, n in recent:
-            load[tenant_id].recent_starts = n
-        return load
+    def _running(self, s: Session, now: float) -> list[RunningJob]:
+        rows = s.execute(select(Job.tenant_id, Job.resources, Job.started_at, Tenant.max_job_wall_clock_s)
+                         .join(Tenant, Tenant.id == Job.tenant_id).where(Job.status.in_(states.ACTIVE)))
+        out = []
+        for tenant_id, resources, started_at, tenant_limit in rows:
+            limit = tenant_limit or self.settings.max_job_wall_clock_s
+            deadline = (started_at or now) + limit if limit else None
+            out.append(RunningJob(tenant_id, demand(resources), deadline))
+        return out
+
+    def _cluster_view(self, running: list[RunningJob], now: float) -> ClusterView | None:
+        """What training may take now, and at most. Ray's own count of free resources covers
+        what serving and anything else hold; our runs count from the moment they are committed,
+        before Ray has placed them."""
+        st = self.settings
+        ours = sum((r.need for r in running), ZERO)
+        cluster_max = Capacity(cpus=math.inf if st.cluster_max_cpus is None else st.cluster_max_cpus,
+                               gpus=math.inf if st.cluster_max_gpus is None else st.cluster_max_gpus)
+        res = self.launcher.resources()
+        if st.ray_autoscaling and math.isfinite(cluster_max.cpus + cluster_max.gpus):
+            # The autoscaler adds nodes up to the cluster's maximum: plan against that, not today's size.
+            budget, free = cluster_max, _floor(cluster_max - ours)
+        else:
+            total = res.total.min(cluster_max)
+            if total.cpus <= 0 and total.gpus <= 0:
+                return None
+            others = _floor(res.total - res.available - ours)  # serving replicas and the like
+            budget = _floor(total - others)
+            free = _floor(budget - ours).min(res.available)
+        slots = st.max_ray_jobs_in_flight - len(running)
+        if st.max_running_jobs is not None:
+            slots = min(slots, st.max_running_jobs - len(running))
+        return ClusterView(free=free, budget=budget, slots=max(0, slots), now=now)
+
+    def _accrue(self, s: Session, running: list[RunningJob], cluster: ClusterView, now: float) -> None:
+        """Charge each tenant for what its runs held since the last tick, older use decaying."""
+        if self._usage is None:
+            self._usage, self._accrued_at = self._usage_from_history(s, cluster, now), now
+            return
+        dt = max(0.0, now - self._accrued_at)
+        decay = 0.5 ** (dt / self.settings.fair_share_half_life_s)
+        self._usage = {t: u * decay for t, u in self._usage.items() if u * decay > 1e-3}
+        for run in running:
+            self._usage[run.tenant_id] = self._usage.get(run.tenant_id, 0.0) + share_of(run.need, cluster) * dt
+        self._accrued_at = now
+
+    def _usage_from_history(self, s: Session, cluster: ClusterView, now: float) -> dict[str, float]:
+        half_life = self.settings.fair_share_half_life_s
+        rows = s.execute(select(Job.tenant_id, Job.resources, Job.status, Job.started_at, Job.finished_at)
+                         .where(Job.started_at.is_not(None),
+                                or_(Job.status.in_(states.ACTIVE), Job.finished_at >= now - 5 * half_life)))
+        usage: dict[str, float] = {}
+        for tenant_id, resources, status, started_at, finished_at in rows:
+            end = now if status in states.ACTIVE else finished_at
+            if end is None:
+                continue  # requeued: its run's time is unknown, and short
+            used = share_of(demand(resources), cluster) * max(0.0, end - started_at)
+            usage[tenant_id] = usage.get(tenant_id, 0.0) + used * 0.5 ** ((now - end) / half_life)
+        return usage
+
+    def _queue(self, s: Session, cluster: ClusterView) -> tuple[dict[str, TenantState], dict[str, list[QueuedJob]]]:
+        """Every active tenant's limits and oldest queued jobs; jobs that can never run fail here."""
+        rows = s.execute(select(Tenant.id, Tenant.max_concurrent_jobs, Tenant.max_gpus_per_job,
+                                Tenant.max_cpus_per_job, Tenant.max_concurrent_gpus,
+                                Tenant.max_concurrent_cpus, Tenant.max_job_wall_clock_s)
+                         .where(Tenant.status == "active")).all()
+        limits = {r.id: r for r in rows}
+        usage = self._usage or {}
+        tenants = {r.id: TenantState(
+            r.id, usage=usage.get(r.id, 0.0), max_concurrent_jobs=r.max_concurrent_jobs,
+            max_concurrent=None if r.max_concurrent_gpus is None and r.max_concurrent_cpus is None else Capacity(
+                cpus=math.inf if r.max_concurrent_cpus is None else r.max_concurrent_cpus,
+                gpus=math.inf if r.max_concurrent_gpus is None else r.max_concurrent_gpus)) for r in rows}
+        heads: dict[str, list[QueuedJob]] = defaultdict(list)
+        never: list[tuple[str, str]] = []
+        for job_id, tenant_id, resources in _queued_heads(s, HEADS_PER_TENANT):
+            tenant = limits.get(tenant_id)
+            if tenant is None:
+                continue  # a disabled tenant's jobs wait
+            need = demand(resources)
+            if reason := limit_violation(need, tenant=tenant, settings=self.settings):
+                never.append((job_id, reason))
+                continue
+            heads[tenant_id].append(QueuedJob(job_id, tenant_id, need,
+                                              tenant.max_job_wall_clock_s or self.settings.max_job_wall_clock_s))
+        for job_id, reason in never:  # a limit lowered since the job was queued
+            job = s.get(Job, job_id)
+            try:
+                states.transition(s, job, states.FAILED, error_code=INSUFFICIENT_RESOURCES,
+                                  error_param="resources", error_message=f"The job can never run: {reason}.",
+                                  message="Job failed: it asks for more compute than it may have")
+            except InvalidTransition:
+                pass
+        return tenants, heads
 
     def _submit(self, job_id: str) -> None:
         with session_scope(self.sessions) as s:
@@ -265,17 +410,43 @@ class Scheduler:
                 spec = build_spec(s, job, self.settings)
             except Exception as exc:  # noqa: BLE001 - reported on the job, never raised to the loop
                 states.transition(s, job, states.FAILED, error_code="internal_error",
-                                  error_message=tenant_failure_message(
-                                      job.id, "internal_error", f"could not prepare the run: {exc!r}"))
+                                  error_message=f"could not prepare the run: {exc}")
                 return
             sub = submission_id(job.id, job.attempts)
-            demand = _demand(job)
+            need = demand(job.resources)
         st = self.settings
-        # No credentials in the Ray Job: the Ray pods hold the object store's (see job_env).
-        env = job_env(spec.model_dump_json(), threads=st.train_threads, s3_endpoint_url=st.s3_endpoint_url)
+        env = job_env(spec.model_dump_json(), threads=st.train_threads,
+                      s3_access_key_id=st.s3_access_key_id.get_secret_value() if st.s3_access_key_id else None,
+                      s3_secret_access_key=st.s3_secret_access_key.get_secret_value() if st.s3_secret_access_key else None,
+                      s3_endpoint_url=st.s3_endpoint_url)
         # The driver reserves nothing: the Train workers it starts hold the job's resources.
-        self.launcher.submit(sub, env=env)
-        log.info("submitted %s (%.1f CPU, %.1f GPU)", sub, demand.cpus, demand.gpus)
+        try:
+            self.launcher.submit(sub, env=env)
+        except SubmissionRefused as exc:
+            self._refused(job_id, sub, exc)
+            return
+        self._refusals.pop(job_id, None)
+        log.info("submitted %s (%.1f CPU, %.1f GPU)", sub, need.cpus, need.gpus)
+
+    def _refused(self, job_id: str, sub: str, exc: SubmissionRefused) -> None:
+        """Ray would not take this run: retried on the next ticks (the job stays `running`, unknown
+        to Ray), and failed after max_submission_attempts. Ray's words stay in our log."""
+        self._refusals[job_id] += 1
+        tries = self._refusals[job_id]
+        log.warning("submission %s refused (%d/%d): %s", sub, tries, self.settings.max_submission_attempts, exc)
+        if tries < self.settings.max_submission_attempts:
+            return
+        del self._refusals[job_id]
+        with session_scope(self.sessions) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status != states.RUNNING:
+                return
+            try:
+                states.transition(s, job, states.FAILED, error_code="submission_failed", error_message=(
+                    f"Our cluster would not accept this job's run after {tries} attempts. This is a "
+                    f"problem on our side; please retry the job."), message="Job failed: it could not be started")
+            except InvalidTransition:
+                pass
 
     def _move(self, job_id: str, from_status: str, to_status: str, **kw) -> None:
         with session_scope(self.sessions) as s:
@@ -285,6 +456,30 @@ class Scheduler:
                     states.transition(s, job, to_status, **kw)
                 except InvalidTransition:
                     pass
+
+
+def _floor(c: Capacity) -> Capacity:
+    return Capacity(cpus=max(0.0, c.cpus), gpus=max(0.0, c.gpus))
+
+
+def _queued_heads(s: Session, per_tenant: int):
+    """(id, tenant_id, resources) of each tenant's oldest queued jobs, ``per_tenant`` at most.
+
+    Postgres: one index probe per active tenant (a LATERAL join on (tenant_id, status, id)), so
+    100,000 queued jobs cost what 1,000 tenants × 4 rows cost. SQLite (one machine, small
+    queues): a window function over the queue.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        tenant = select(Tenant.id).where(Tenant.status == "active").subquery()
+        head = (select(Job.id, Job.tenant_id, Job.resources)
+                .where(Job.tenant_id == tenant.c.id, Job.status == states.QUEUED)
+                .order_by(Job.id).limit(per_tenant).lateral())
+        return s.execute(select(head.c.id, head.c.tenant_id, head.c.resources)
+                         .select_from(tenant.join(head, true()))).all()
+    rank = func.row_number().over(partition_by=Job.tenant_id, order_by=Job.id).label("rank")
+    ranked = select(Job.id, Job.tenant_id, Job.resources, rank).where(Job.status == states.QUEUED).subquery()
+    return s.execute(select(ranked.c.id, ranked.c.tenant_id, ranked.c.resources)
+                     .where(ranked.c.rank <= per_tenant)).all()
 
 
 def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
@@ -304,8 +499,7 @@ def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
         validation_file=valid.object_key if valid else None,
         output_prefix=adapter_prefix(job), adapter_id=adapter_id_for(job),
         checkpoint_prefix=checkpoint_prefix(job),
-        control_plane_url=settings.public_url,
-        job_token=job_token(job.id, job.attempts, settings, ttl_s=settings.job_token_ttl_s),
+        control_plane_url=settings.public_url, job_token=job_token(job.id, settings),
         object_store_url=settings.effective_object_store_url,
     )
 

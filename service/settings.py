@@ -78,8 +78,23 @@ class Settings(BaseSettings):
     # Cap on concurrently running fine-tunes, on top of what the Ray cluster's CPUs/GPUs allow.
     max_running_jobs: int | None = Field(None, ge=1)
     # True where Ray's autoscaler adds nodes on demand (KubeRay): submit runs beyond the CPUs/GPUs
-    # the cluster has right now and let Ray queue them; tenant quotas and max_running_jobs still hold.
+    # the cluster has right now, up to cluster_max_gpus/cpus, and let Ray queue them.
     ray_autoscaling: bool = False
+    # The most the cluster can ever give training (its size, or the autoscaler's maximum). A job
+    # needing more is refused at create (422 insufficient_resources); None: no such check.
+    cluster_max_gpus: float | None = Field(None, ge=0)
+    cluster_max_cpus: float | None = Field(None, ge=0)
+    # Ray Jobs in flight at once, whatever the capacity: each pins a driver, a JobSupervisor and
+    # a Train controller on the Ray head pod.
+    max_ray_jobs_in_flight: int = Field(64, ge=1)
+    # A job still queued (never started) after this long fails with insufficient_resources.
+    max_queue_wait_s: int | None = Field(7 * 24 * 3600, ge=1)
+    # A run is stopped and its job fails `timeout` past this (a tenant's own limit overrides it).
+    max_job_wall_clock_s: int | None = Field(24 * 3600, ge=1)
+    # Times Ray may refuse one job's submission before that job fails with submission_failed.
+    max_submission_attempts: int = Field(3, ge=1)
+    # Fair share remembers GPU (or CPU) time used with this half-life.
+    fair_share_half_life_s: float = Field(24 * 3600, gt=0)
     # The Ray Job entrypoint of a fine-tune (default: this interpreter, `-m workers.train.ray_job`).
     train_entrypoint: str | None = None
     # CPU threads each training worker uses.

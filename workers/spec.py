@@ -83,9 +83,12 @@ class Hyperparameters(_Strict):
 
 
 class Resources(_Strict):
-    num_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """A job's compute. These are absolute bounds (a node's worth per worker); what a job may
+    really take is set by the cluster's maximum and its tenant's limits, checked at create."""
+
+    num_workers: Annotated[int, Field(ge=1, le=16)] = 1
     gpus_per_worker: Annotated[float, Field(ge=0, le=8)] = 0
-    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1
+    cpus_per_worker: Annotated[float, Field(gt=0, le=128)] = 1
 
 
 class BaseModelRef(_Strict):

@@ -58,6 +58,12 @@ class Tenant(Base):
     max_queued_jobs: Mapped[int]
     requests_per_minute: Mapped[int]
     created_at: Mapped[int]
+    # Compute limits set by the admin (None: only the cluster's and the service's own limits).
+    max_gpus_per_job: Mapped[float | None]
+    max_cpus_per_job: Mapped[float | None]
+    max_concurrent_gpus: Mapped[float | None]  # GPUs its running jobs may hold at once
+    max_concurrent_cpus: Mapped[float | None]
+    max_job_wall_clock_s: Mapped[int | None]
 
 
 class ApiKey(Base):

@@ -12,6 +12,8 @@ from service.errors import QuotaExceeded, ValidationFailed
 from service.files.repository import get_file_for_tenant
 from service.jobs import repository as jobs
 from service.jobs import states
+from service.settings import Settings
+from service.tenants.limits import INSUFFICIENT_RESOURCES, demand, limit_violation
 from workers.spec import Hyperparameters, Resources
 
 
@@ -28,7 +30,7 @@ def _usable_file(session: Session, *, tenant_id: str, file_id: str, param: str) 
 def submit_job(session: Session, *, tenant_id: str, model: str, training_file: str,
                validation_file: str | None, method: str, hyperparameters: Hyperparameters,
                resources: Resources, suffix: str | None, metadata: dict[str, str] | None,
-               method_type: str) -> Job:
+               method_type: str, settings: Settings) -> Job:
     """Validate everything, then create the job and move it validating_files → queued.
 
     Raises NotFound / ValidationFailed / QuotaExceeded before anything is written.
@@ -45,6 +47,10 @@ def submit_job(session: Session, *, tenant_id: str, model: str, training_file: s
 
     # Lock the tenant row so two concurrent creates cannot both take the last queue slot.
     tenant = session.scalars(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).one()
+    # A job that could never run is refused now, not left queued until its wait runs out.
+    if reason := limit_violation(demand(resources.model_dump()), tenant=tenant, settings=settings):
+        raise ValidationFailed(f"insufficient resources: {reason}", code=INSUFFICIENT_RESOURCES,
+                               param="resources")
     pending = jobs.count_jobs(session, tenant_id=tenant_id, statuses=states.PENDING)
     if pending >= tenant.max_queued_jobs:
         raise QuotaExceeded(f"{pending} jobs already queued; the limit is {tenant.max_queued_jobs}",

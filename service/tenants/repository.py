@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,10 +22,11 @@ def hash_key(secret: str) -> str:
 
 
 def create_tenant(session: Session, *, name: str, max_concurrent_jobs: int, max_queued_jobs: int,
-                  requests_per_minute: int) -> Tenant:
+                  requests_per_minute: int, limits: dict[str, Any] | None = None) -> Tenant:
+    """``limits``: compute limits by column name (max_gpus_per_job, max_concurrent_gpus, ...)."""
     tenant = Tenant(id=new_id("tn_"), name=name, status="active",
                     max_concurrent_jobs=max_concurrent_jobs, max_queued_jobs=max_queued_jobs,
-                    requests_per_minute=requests_per_minute, created_at=now())
+                    requests_per_minute=requests_per_minute, created_at=now(), **(limits or {}))
     session.add(tenant)
     session.flush()
     return tenant

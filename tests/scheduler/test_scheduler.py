@@ -20,7 +20,7 @@ from service.ids import new_id, now
 from service.jobs import states
 from service.jobs.repository import create_job
 from service.launcher import RayJobLauncher, RunState, submission_id
-from service.scheduler import Scheduler, TenantLoad, fair_order
+from service.scheduler import Scheduler
 from service.settings import Settings
 from service.tenants.repository import create_tenant
 
@@ -75,16 +75,6 @@ def _running(sessions):
 def _finish(sessions, job_id):
     with session_scope(sessions) as s:
         states.transition(s, s.get(Job, job_id), states.SUCCEEDED)
-
-
-def test_fair_order_interleaves_tenants():
-    class J:
-        def __init__(self, i, t):
-            self.id, self.tenant_id = f"{i:03d}", t
-    queued = [J(i, "a") for i in range(20)] + [J(20, "b"), J(21, "c")]
-    load = {t: TenantLoad(limit=2) for t in "abc"}
-    order = [j.tenant_id for j in fair_order(queued, load)]
-    assert order == ["a", "b", "c", "a"]  # then a is at its limit of 2
 
 
 def test_fairness_capacity_one(env):

@@ -31,7 +31,8 @@ def create_tenant(body: TenantCreate, session: SessionDep, settings: SettingsDep
         else defaults.max_concurrent_jobs,
         max_queued_jobs=body.max_queued_jobs if body.max_queued_jobs is not None
         else defaults.max_queued_jobs,
-        requests_per_minute=body.requests_per_minute or defaults.requests_per_minute)
+        requests_per_minute=body.requests_per_minute or defaults.requests_per_minute,
+        limits=body.model_dump(include=TenantCreate.CLEARABLE))
     session.commit()
     return TenantPublic.of(tenant)
 
@@ -50,8 +51,9 @@ async def get_tenant(tenant_id: str, db: ReadDB) -> TenantPublic:
 def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep,
                   request: Request) -> TenantPublic:
     tenant = tenants.get_tenant(session, tenant_id=tenant_id)
-    for name, value in body.model_dump(exclude_unset=True, exclude_none=True).items():
-        setattr(tenant, name, value)
+    for name, value in body.model_dump(exclude_unset=True).items():
+        if value is not None or name in TenantUpdate.CLEARABLE:  # null lifts a compute limit
+            setattr(tenant, name, value)
     session.commit()
     request.app.state.principals.forget(tenant_id=tenant_id)  # status and rate apply at once
     return TenantPublic.of(tenant)

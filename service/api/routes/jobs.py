@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from service.api.deps import CurrentTenant, ReadDB, SessionDep
+from service.api.deps import CurrentTenant, ReadDB, SessionDep, SettingsDep
 from service.api.schemas.common import After, Limit, ListPage, json_response, to_page
 from service.api.schemas.jobs import CheckpointPublic, EventPublic, JobCreate, JobPublic
 from service.jobs import repository as jobs
@@ -21,13 +21,14 @@ StatusFilter = Annotated[Literal[JOB_STATUSES] | None, Query(description="Only j
 
 
 @router.post("", status_code=201)
-def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep) -> JobPublic:
     method, hyperparameters = body.resolved()
     job = submit_job(session, tenant_id=tenant.tenant_id, model=body.model,
                      training_file=body.training_file, validation_file=body.validation_file,
                      method=method, hyperparameters=hyperparameters,
                      resources=body.resources or Resources(), suffix=body.suffix,
-                     metadata=body.metadata, method_type=body.method.type if body.method else "lora")
+                     metadata=body.metadata, method_type=body.method.type if body.method else "lora",
+                     settings=settings)
     session.commit()
     return JobPublic.of(job)
 

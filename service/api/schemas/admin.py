@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -11,17 +11,34 @@ from service.db.models import ApiKey, BaseModelRow, Tenant
 
 Quota = Annotated[int, Field(ge=0, le=1_000_000)]
 Rate = Annotated[int, Field(ge=1, le=10_000_000)]
+# Compute limits (null: none of the tenant's own; the cluster's and the service's still apply).
+GpuLimit = Annotated[float, Field(ge=0, le=100_000)]
+CpuLimit = Annotated[float, Field(ge=0, le=1_000_000)]
+WallClockSeconds = Annotated[int, Field(ge=60, le=365 * 24 * 3600)]
+
+
+class TenantLimits(Strict):
+    max_gpus_per_job: GpuLimit | None = None
+    max_cpus_per_job: CpuLimit | None = None
+    max_concurrent_gpus: GpuLimit | None = None
+    max_concurrent_cpus: CpuLimit | None = None
+    max_job_wall_clock_s: WallClockSeconds | None = None
+
+    # Fields an update may set back to null (to lift the tenant's own limit).
+    CLEARABLE: ClassVar[frozenset[str]] = frozenset({
+        "max_gpus_per_job", "max_cpus_per_job", "max_concurrent_gpus", "max_concurrent_cpus",
+        "max_job_wall_clock_s"})
 MethodName = Literal["lora", "qlora"]
 
 
-class TenantCreate(Strict):
+class TenantCreate(TenantLimits):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     max_concurrent_jobs: Quota | None = None
     max_queued_jobs: Quota | None = None
     requests_per_minute: Rate | None = None
 
 
-class TenantUpdate(Strict):
+class TenantUpdate(TenantLimits):
     status: Literal["active", "disabled"] | None = None
     max_concurrent_jobs: Quota | None = None
     max_queued_jobs: Quota | None = None
@@ -36,13 +53,20 @@ class TenantPublic(BaseModel):
     max_concurrent_jobs: int
     max_queued_jobs: int
     requests_per_minute: int
+    max_gpus_per_job: float | None = None
+    max_cpus_per_job: float | None = None
+    max_concurrent_gpus: float | None = None
+    max_concurrent_cpus: float | None = None
+    max_job_wall_clock_s: int | None = None
     created_at: int
 
     @classmethod
     def of(cls, t: Tenant) -> TenantPublic:
         return cls(id=t.id, name=t.name, status=t.status, max_concurrent_jobs=t.max_concurrent_jobs,
                    max_queued_jobs=t.max_queued_jobs, requests_per_minute=t.requests_per_minute,
-                   created_at=t.created_at)
+                   max_gpus_per_job=t.max_gpus_per_job, max_cpus_per_job=t.max_cpus_per_job,
+                   max_concurrent_gpus=t.max_concurrent_gpus, max_concurrent_cpus=t.max_concurrent_cpus,
+                   max_job_wall_clock_s=t.max_job_wall_clock_s, created_at=t.created_at)
 
 
 class ApiKeyCreate(Strict):
