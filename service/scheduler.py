@@ -33,6 +33,7 @@ from service.db.session import make_session_factory, session_scope
 from service.errors import InvalidTransition
 from service.jobs import states
 from service.jobs.naming import adapter_id_for, adapter_prefix, checkpoint_prefix
+from service.jobs.public_errors import tenant_failure_message
 from service.launcher import (
     ClusterResources,
     LauncherError,
@@ -410,15 +411,14 @@ class Scheduler:
                 spec = build_spec(s, job, self.settings)
             except Exception as exc:  # noqa: BLE001 - reported on the job, never raised to the loop
                 states.transition(s, job, states.FAILED, error_code="internal_error",
-                                  error_message=f"could not prepare the run: {exc}")
+                                  error_message=tenant_failure_message(
+                                      job.id, "internal_error", f"could not prepare the run: {exc!r}"))
                 return
             sub = submission_id(job.id, job.attempts)
             need = demand(job.resources)
         st = self.settings
-        env = job_env(spec.model_dump_json(), threads=st.train_threads,
-                      s3_access_key_id=st.s3_access_key_id.get_secret_value() if st.s3_access_key_id else None,
-                      s3_secret_access_key=st.s3_secret_access_key.get_secret_value() if st.s3_secret_access_key else None,
-                      s3_endpoint_url=st.s3_endpoint_url)
+        # No credentials in the Ray Job: the Ray pods hold the object store's (see job_env).
+        env = job_env(spec.model_dump_json(), threads=st.train_threads, s3_endpoint_url=st.s3_endpoint_url)
         # The driver reserves nothing: the Train workers it starts hold the job's resources.
         try:
             self.launcher.submit(sub, env=env)
@@ -499,7 +499,8 @@ def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
         validation_file=valid.object_key if valid else None,
         output_prefix=adapter_prefix(job), adapter_id=adapter_id_for(job),
         checkpoint_prefix=checkpoint_prefix(job),
-        control_plane_url=settings.public_url, job_token=job_token(job.id, settings),
+        control_plane_url=settings.public_url,
+        job_token=job_token(job.id, job.attempts, settings, ttl_s=settings.job_token_ttl_s),
         object_store_url=settings.effective_object_store_url,
     )
 
