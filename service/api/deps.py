@@ -15,15 +15,13 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
-from service.api.auth import TenantPrincipal, check_principal
+from service.api.auth import TenantPrincipal, authenticate_tenant, check_principal, client_address
 from service.db.models import Job
 from service.errors import Conflict, Forbidden, Unauthorized
 from service.jobs import states
 from service.security import is_admin_token, job_token_claims
 from service.settings import Settings
-from service.tenants.repository import hash_key
 from workers.storage import ObjectStore
 
 _tenant_key = HTTPBearer(auto_error=False, scheme_name="TenantKey",
@@ -96,13 +94,12 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
 async def current_tenant(request: Request,
                          creds: Annotated[Credentials, Depends(_tenant_key)]) -> TenantPrincipal:
-    if creds is None:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer lf-…'")
-    cache = request.app.state.principals
-    key_hash = hash_key(creds.credentials)
-    hit, principal = cache.cached(key_hash)
-    if not hit:
-        principal = await run_in_threadpool(cache.load, key_hash)
+    # The AuthGate middleware authenticated the key before the body was read; without it (an
+    # app built otherwise) the same check runs here.
+    principal = request.scope.get("state", {}).get("principal")
+    if principal is None:
+        principal = await authenticate_tenant(request.app.state.principals, request.app.state.auth_failures,
+                                              creds.credentials if creds else None, client_address(request.scope))
     principal = check_principal(principal)
     request.app.state.rate_limiter.take(principal.tenant_id, principal.requests_per_minute)
     return principal

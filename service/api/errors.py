@@ -37,7 +37,7 @@ STATUS_BY_ERROR: list[tuple[type[domain.DomainError], int]] = [
 ]
 
 CODE_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                  405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+                  405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large",
                   422: "validation_error", 429: "rate_limited", 503: "service_unavailable"}
 
 log = logging.getLogger(__name__)

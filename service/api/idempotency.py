@@ -7,21 +7,29 @@ multipart boundary, which clients pick at random per attempt.
 The key is reserved before the handler runs: a row with status 0 ("in flight"), inserted in its
 own transaction, so the primary key decides which of two concurrent attempts runs; the other
 gets 409 ``idempotency_key_in_flight`` with Retry-After and, retrying, the stored replay. The
-body is therefore read (spooled, bounded memory) before the handler sees it. The answer is
+body is therefore read (in memory, at most ``max_body_bytes``: the body guard outside bounds it)
+before the handler sees it; an upload longer than that is reserved when its last byte arrives,
+still before the route acts, so it is spooled once (by the route) and never held here. The answer is
 stored before its last byte is sent, so a client that retries after the response never races
 it. Server errors, auth failures, 429s and streams are not stored: their reservation is deleted
 so a retry really retries; one older than ``IN_FLIGHT_TIMEOUT_S`` was abandoned by a crash and
 is taken over.
+
+Records expire after ``idempotency_ttl_s`` (24 h): an older one no longer answers, and a
+background task in the app's lifespan (``purge_periodically``) deletes them in bounded batches.
+Inference calls (``NOT_REMEMBERED``) are never recorded: a completion is no resource, its body
+can be large, and a retry simply runs it again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
-from tempfile import SpooledTemporaryFile
+from collections.abc import Awaitable, Callable
 
 import anyio
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -32,7 +40,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.auth import PrincipalCache
 from service.api.errors import problem_body, problem_response
 from service.db.models import IdempotencyKey
-from service.files.upload import ENVELOPE_BYTES
 from service.ids import now
 from service.security import bearer, is_admin_token, is_valid_job_token
 from service.settings import Settings
@@ -43,8 +50,9 @@ _INTERNAL = re.compile(r"^/internal/v1/jobs/([^/]+)/")
 MAX_KEY_LENGTH = 255
 IN_FLIGHT = 0  # status_code of a reserved key whose first attempt is still running
 IN_FLIGHT_TIMEOUT_S = 60
-_SPOOL_MEMORY = 1024 * 1024
-_CHUNK = 64 * 1024
+NOT_REMEMBERED = frozenset({"/v1/chat/completions", "/v1/completions"})
+PURGE_BATCH = 1000
+log = logging.getLogger(__name__)
 
 
 class _BodyHasher:
@@ -69,18 +77,28 @@ class _BodyHasher:
         return self._sha.hexdigest()
 
 
-class _Body:
-    """The request body read ahead of the handler: hashed, spooled, then handed on unchanged."""
+class _KeyHeld(Exception):
+    """Raised from ``receive`` when the last byte of a long body shows the key is not ours."""
 
-    def __init__(self, scope: Scope, headers: Headers, limit: int, spool: SpooledTemporaryFile[bytes]):
+    def __init__(self, stored: IdempotencyKey, request_hash: str):
+        self.stored, self.request_hash = stored, request_hash
+
+
+class _Body:
+    """The request body read ahead of the handler (in memory, at most ``threshold`` bytes), hashed,
+    then handed on unchanged. A longer body (only the upload route allows one) is not held: the
+    rest passes through to the handler, hashed on the way, and ``at_end`` runs when its last
+    chunk arrives, before the handler sees that chunk."""
+
+    def __init__(self, scope: Scope, headers: Headers, threshold: int):
         self.hasher = _BodyHasher(scope, headers)
-        self.file = spool
-        self.size, self.limit = 0, limit
+        self.chunks: list[bytes] = []
+        self.size, self.threshold = 0, threshold
         self.complete = self.disconnected = False
 
     async def read(self, receive: Receive) -> None:
-        """Read until the end, a disconnect, or past ``limit`` (the route then answers 413)."""
-        while not (self.complete or self.disconnected) and self.size <= self.limit:
+        """Read until the end, a disconnect, or past ``threshold``."""
+        while not (self.complete or self.disconnected) and self.size <= self.threshold:
             message = await receive()
             if message["type"] != "http.request":
                 self.disconnected = True
@@ -88,31 +106,26 @@ class _Body:
             chunk, more = message.get("body", b""), message.get("more_body", False)
             self.hasher.update(chunk, more)
             self.size += len(chunk)
-            if self.size > _SPOOL_MEMORY:  # on disk by now: keep file writes off the event loop
-                await run_in_threadpool(self.file.write, chunk)
-            else:
-                self.file.write(chunk)
+            self.chunks.append(chunk)
             self.complete = not more
 
-    def replay(self, receive: Receive) -> Receive:
-        """A ``receive`` that gives the spooled bytes first, then whatever is still unread."""
-        self.file.seek(0)
-        done = False
+    def replay(self, receive: Receive, at_end: Callable[[], Awaitable[None]] | None = None) -> Receive:
+        """A ``receive`` that gives the chunks read so far, then whatever is still unread."""
+        pending = list(self.chunks)
+        self.chunks.clear()
 
         async def replaying() -> Message:
-            nonlocal done
-            if done:
-                return await receive()
-            if self.size > _SPOOL_MEMORY:
-                chunk = await run_in_threadpool(self.file.read, _CHUNK)
-            else:
-                chunk = self.file.read(_CHUNK)
-            more = self.file.tell() < self.size or not self.complete
-            if not chunk and more:  # spool drained, the rest is still with the client
-                done = True
-                return await receive()
-            done = not more
-            return {"type": "http.request", "body": chunk, "more_body": more}
+            if pending:
+                chunk = pending.pop(0)
+                return {"type": "http.request", "body": chunk, "more_body": bool(pending) or not self.complete}
+            message = await receive()
+            if message["type"] == "http.request" and not self.complete:
+                more = message.get("more_body", False)
+                self.hasher.update(message.get("body", b""), more)
+                self.complete = not more
+                if self.complete and at_end is not None:
+                    await at_end()
+            return message
 
         return replaying
 
@@ -123,7 +136,9 @@ class IdempotencyMiddleware:
         self.app, self.settings, self.factory, self.principals = app, settings, factory, principals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":  # reads pass straight through
+        # Reads pass straight through, and so do inference calls: a completion is not stored (it
+        # can be large, and is not a resource); a retry with the same key runs it again.
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] in NOT_REMEMBERED:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -139,38 +154,62 @@ class IdempotencyMiddleware:
         if caller is None:  # unauthenticated: let the route answer 401/403, remember nothing
             await self.app(scope, receive, send)
             return
-        with SpooledTemporaryFile(max_size=_SPOOL_MEMORY) as spool:
-            body = _Body(scope, headers, self.settings.max_upload_bytes + ENVELOPE_BYTES, spool)
-            await body.read(receive)
-            if body.disconnected:
-                return
-            if not body.complete:  # too large to be anything but a 413: nothing to remember
-                await self.app(scope, body.replay(receive), send)
-                return
+        body = _Body(scope, headers, self.settings.max_body_bytes)
+        await body.read(receive)
+        if body.disconnected:
+            return
+        held: list[IdempotencyKey] = []
+        if body.complete:
             request_hash = body.hasher.hexdigest()
             reserved, stored = await run_in_threadpool(self._reserve, caller, key, request_hash)
-            if reserved:
-                await self._first_attempt(scope, body.replay(receive), send, stored)
-            elif stored.request_hash != request_hash:
-                await self._reject(scope, receive, send, "idempotency_key_reused",
-                                   "this Idempotency-Key was used with a different request body")
-            elif stored.status_code == IN_FLIGHT:
-                await self._in_flight(scope, receive, send)
-            else:
-                await Response(stored.body, status_code=stored.status_code, media_type=stored.content_type,
-                               headers={"Idempotent-Replayed": "true"})(scope, receive, send)
+            if not reserved:
+                await self._answer_held(scope, receive, send, stored, request_hash)
+                return
+            held.append(stored)
+            await self._first_attempt(scope, body.replay(receive), send, held)
+            return
 
-    async def _first_attempt(self, scope: Scope, receive: Receive, send: Send, held: IdempotencyKey) -> None:
+        # A long upload: reserve when its last byte is in (the route acts only after that),
+        # so the body is spooled once, by the route, and never held here.
+        async def reserve_at_end() -> None:
+            request_hash = body.hasher.hexdigest()
+            reserved, stored = await run_in_threadpool(self._reserve, caller, key, request_hash)
+            if not reserved:
+                raise _KeyHeld(stored, request_hash)
+            held.append(stored)
+
+        try:
+            await self._first_attempt(scope, body.replay(receive, reserve_at_end), send, held)
+        except _KeyHeld as exc:
+            await self._answer_held(scope, receive, send, exc.stored, exc.request_hash)
+
+    async def _answer_held(self, scope: Scope, receive: Receive, send: Send, stored: IdempotencyKey,
+                           request_hash: str) -> None:
+        if stored.request_hash != request_hash:
+            await self._reject(scope, receive, send, "idempotency_key_reused",
+                               "this Idempotency-Key was used with a different request body")
+        elif stored.status_code == IN_FLIGHT:
+            await self._in_flight(scope, receive, send)
+        else:
+            await Response(stored.body, status_code=stored.status_code, media_type=stored.content_type,
+                           headers={"Idempotent-Replayed": "true"})(scope, receive, send)
+
+    async def _first_attempt(self, scope: Scope, receive: Receive, send: Send,
+                             held: list[IdempotencyKey]) -> None:
+        """Run the handler; ``held`` has our reservation once it is made (for a long upload, only
+        when its body is in: a response before that, e.g. a 413, remembers nothing)."""
         status, content_type, body, keep, settled = 0, None, bytearray(), False, False
 
         async def settle(store: bool) -> None:
             nonlocal settled
+            settled = True
+            if not held:
+                return
             with anyio.CancelScope(shield=True):  # a reservation must not outlive its request
                 if store:
-                    await run_in_threadpool(self._store, held, status, content_type, bytes(body))
+                    await run_in_threadpool(self._store, held[0], status, content_type, bytes(body))
                 else:
-                    await run_in_threadpool(self._release, held)
-            settled = True
+                    await run_in_threadpool(self._release, held[0])
 
         async def capturing_send(message: Message) -> None:
             nonlocal status, content_type, keep
@@ -226,12 +265,15 @@ class IdempotencyMiddleware:
                 row = session.get(IdempotencyKey, (caller, key))
                 if row is None:  # released meanwhile: try again
                     continue
-                if row.status_code != IN_FLIGHT or row.created_at > now() - IN_FLIGHT_TIMEOUT_S:
+                expired = row.created_at <= now() - self.settings.idempotency_ttl_s
+                abandoned = row.status_code == IN_FLIGHT and row.created_at <= now() - IN_FLIGHT_TIMEOUT_S
+                if not (expired or abandoned):
                     return False, row
-                # Abandoned by a crashed attempt. Only the one whose delete matches takes over.
+                # Expired (not yet purged), or abandoned by a crashed attempt. Only the one whose
+                # delete matches takes over.
                 session.execute(delete(IdempotencyKey).where(
                     IdempotencyKey.scope == caller, IdempotencyKey.key == key,
-                    IdempotencyKey.status_code == IN_FLIGHT, IdempotencyKey.created_at == row.created_at))
+                    IdempotencyKey.status_code == row.status_code, IdempotencyKey.created_at == row.created_at))
                 session.commit()
                 session.expunge_all()
         return False, IdempotencyKey(scope=caller, key=key, request_hash=request_hash, status_code=IN_FLIGHT)
@@ -265,3 +307,34 @@ class IdempotencyMiddleware:
                             detail="a request with this Idempotency-Key is still being processed; retry shortly",
                             request_id=scope.get("state", {}).get("request_id"))
         await problem_response(409, body, headers={"Retry-After": "1"})(scope, receive, send)
+
+
+def purge_expired(factory: sessionmaker[Session], *, ttl_s: int, batch: int = PURGE_BATCH,
+                  max_batches: int = 100) -> int:
+    """Delete records older than ``ttl_s``, ``batch`` rows per transaction (short locks, small
+    WAL bursts), at most ``max_batches`` per call; the number deleted."""
+    cutoff, deleted = now() - ttl_s, 0
+    pk = tuple_(IdempotencyKey.scope, IdempotencyKey.key)
+    for _ in range(max_batches):
+        with factory() as session:
+            oldest = select(IdempotencyKey.scope, IdempotencyKey.key).where(
+                IdempotencyKey.created_at < cutoff).limit(batch)
+            count = session.execute(delete(IdempotencyKey).where(pk.in_(oldest))).rowcount or 0
+            session.commit()
+        deleted += count
+        if count < batch:
+            break
+    return deleted
+
+
+async def purge_periodically(factory: sessionmaker[Session], settings: Settings) -> None:
+    """The app's background purge: every ``idempotency_purge_interval_s``, until cancelled."""
+    while True:
+        try:
+            deleted = await run_in_threadpool(purge_expired, factory, ttl_s=settings.idempotency_ttl_s)
+            if deleted:
+                log.info("purged %d expired idempotency records", deleted)
+        except Exception:  # a database outage: try again next round, never take the app down
+            log.warning("idempotency purge failed; retrying in %gs", settings.idempotency_purge_interval_s,
+                        exc_info=True)
+        await anyio.sleep(settings.idempotency_purge_interval_s)

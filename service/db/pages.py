@@ -8,6 +8,8 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
+from service.errors import ValidationFailed
+
 T = TypeVar("T")
 
 
@@ -25,3 +27,17 @@ def fetch_page(session: Session, query: Select[Any], id_column: Any, *, after: A
     query = query.order_by(id_column.desc() if newest_first else id_column.asc()).limit(limit + 1)
     rows = list(session.scalars(query))
     return Page(items=rows[:limit], has_more=len(rows) > limit)
+
+
+def parse_int_cursor(after: str | None, *, prefix: str, param: str = "after") -> int | None:
+    """The integer id in a cursor like ``<prefix>123``; anything else is a 422.
+
+    ASCII digits only: ``str.isdigit()`` also accepts Unicode digits ('¹', '٣') that ``int()``
+    refuses or reads differently. At most 18 of them, so the id fits a 64-bit column.
+    """
+    if after is None:
+        return None
+    digits = after.removeprefix(prefix)
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        raise ValidationFailed(f"{after!r} is not a cursor of this list", code="invalid_cursor", param=param)
+    return int(digits)

@@ -10,7 +10,7 @@ from sqlalchemy import Connection, Integer, RowMapping, Select, bindparam, func,
 from sqlalchemy.orm import Session
 
 from service.db.models import Checkpoint, Job, JobEventRow
-from service.db.pages import Page, fetch_page
+from service.db.pages import Page, fetch_page, parse_int_cursor
 from service.errors import NotFound
 from service.ids import new_id, now
 from service.jobs.states import VALIDATING_FILES
@@ -132,13 +132,8 @@ def event_public_id(event: JobEventRow) -> str:
 
 
 def parse_event_cursor(after: str | None) -> int | None:
-    """``ftevent-<n>`` → n. A malformed cursor is a NotFound of that cursor, not a 500."""
-    if after is None:
-        return None
-    digits = after.removeprefix(EVENT_ID_PREFIX)
-    if not digits.isdigit():
-        raise NotFound(f"no event {after!r}", param="after")
-    return int(digits)
+    """``ftevent-<n>`` → n. A malformed cursor is a 422 (``invalid_cursor``), not a 500."""
+    return parse_int_cursor(after, prefix=EVENT_ID_PREFIX)
 
 
 def list_events(session: Session, *, job_id: str, after: str | None = None, limit: int = 20,

@@ -16,7 +16,7 @@ from service.api.streams import iter_chunks
 from service.db.models import Job
 from service.errors import Conflict
 from service.files import repository as files
-from service.files.upload import check_declared_length, parse_upload, store_upload
+from service.files.upload import check_declared_length, parse_upload, store_upload, upload_filename
 from service.jobs.states import TERMINAL
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -37,13 +37,15 @@ _UPLOAD_BODY = {
 @router.post("", status_code=201, openapi_extra=_UPLOAD_BODY)
 async def upload_file(request: Request, tenant: CurrentTenant, session: SessionDep,
                       store: StoreDep) -> FilePublic:
-    limit = request.app.state.settings.max_upload_bytes
+    settings = request.app.state.settings
+    limit = settings.max_upload_bytes
     check_declared_length(request.headers, limit)
     upload, purpose = await parse_upload(request.headers, request.stream(), limit)
     try:
         row = await run_in_threadpool(store_upload, session, store, tenant_id=tenant.tenant_id,
-                                      data=upload.file, filename=upload.filename or "upload.jsonl",
-                                      purpose=purpose, limit=limit)
+                                      data=upload.file, filename=upload_filename(upload),
+                                      purpose=purpose, limit=limit,
+                                      max_line_bytes=settings.max_dataset_line_bytes)
     finally:
         await upload.close()
     return FilePublic.of(row)

@@ -6,12 +6,17 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 from starlette.responses import Response
 
 from service.db.pages import Page
 
 T = TypeVar("T")
+
+# Strict scalar types for request bodies (use them for every int/bool/number field): ``true``
+# is not an integer and ``437046.0`` is not one either, "1" is not a boolean (pydantic's lax
+# mode accepts all three). A number field takes an integer or a float, never a boolean.
+StrictNumber = StrictFloat | StrictInt
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size (1-100)")]
 After = Annotated[str | None, Query(max_length=200, description="Cursor: the last id of the previous page")]
@@ -32,11 +37,15 @@ def _has_nul(value: Any) -> bool:
 class Strict(BaseModel):
     """Request bodies: an unknown field is a 422, not silently ignored.
 
+    Strict types everywhere (issue 10): ``true`` or ``437046.0`` for an integer, ``"2"`` for a
+    number or ``1`` for a boolean are 422s, not silently converted. (A float field still takes
+    an integer.) Models nested in a body inherit this only if they derive from ``Strict`` too.
+
     NUL characters are refused everywhere: PostgreSQL text cannot hold them, SQLite can, and
     the same request must get the same answer on both.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @field_validator("*")
     @classmethod
@@ -73,3 +82,27 @@ def json_response(model: BaseModel) -> Response:
     builds ``model`` as exactly that type, so the dump is the same pydantic-core serialiser.
     """
     return Response(model.__pydantic_serializer__.to_json(model), media_type="application/json")
+
+
+class ProblemError(BaseModel):
+    """The OpenAI-style ``error`` member, so the ``openai`` client shows the message."""
+
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class Problem(BaseModel):
+    """Every error answer (RFC 9457 problem+json), served as ``application/problem+json``."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+
+    type: str = Field(description="A URI naming the problem kind: https://lorafleet.dev/problems/<code>")
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="Stable, machine-readable error code")
+    param: str | None = Field(None, description="The input at fault, where one is")
+    request_id: str | None = None
+    error: ProblemError
