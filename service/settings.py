@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     # How long a tenant key → tenant lookup is cached (revocations in other replicas lag this much).
     auth_cache_ttl_s: float = Field(5.0, ge=0)
+    # Bounded input (issue 10): the cache of key lookups evicts least-recently-used entries past
+    # this size; failed authentications are limited per client address (no DB query once spent).
+    auth_cache_max_entries: int = Field(100_000, ge=1)
+    failed_auth_per_minute: int = Field(30, ge=1)
+    # Request bodies are counted while read: past this many bytes the answer is 413 (uploads have
+    # max_upload_bytes). A body that stalls this long between two chunks is answered 408.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(30.0, gt=0)
+    # A dataset line longer than this is refused (422 naming the line), never held in full.
+    max_dataset_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Idempotency records are kept this long, then purged in the background in batches.
+    idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+    idempotency_purge_interval_s: float = Field(600.0, gt=0)
     # Worker threads per API process for database reads (bench/api_load.py: a few keep the
     # database busy; dozens only contend for the GIL and stretch the latency tail).
     db_read_threads: int = Field(8, ge=1, le=256)

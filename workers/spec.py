@@ -266,17 +266,27 @@ def _flatten_validation_error(exc: Exception) -> str:
     return "; ".join(parts)
 
 
-def validate_jsonl(lines: Iterable[bytes | str]) -> DatasetReport:
-    """Validate a whole JSONL file; all lines must share one format. Blank lines are skipped."""
+def validate_jsonl(lines: Iterable[bytes | str], *, max_line_bytes: int | None = None) -> DatasetReport:
+    """Validate a whole JSONL file; all lines must share one format. Blank lines are skipped.
+
+    A UTF-8 BOM and CRLF line ends are accepted (Windows editors write them; OpenAI accepts
+    them). A line longer than ``max_line_bytes`` (the caller may pass just its first
+    ``max_line_bytes + 1`` bytes) or nested too deeply for the parser is an error of that line.
+    """
     fmt: DatasetFormat | None = None
     examples = 0
     errors: list[LineError] = []
     for number, raw in enumerate(lines, start=1):
         try:
-            text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
+            if max_line_bytes is not None and len(raw) > max_line_bytes:
+                raise ValueError(f"line is longer than {max_line_bytes} bytes")
+            text = raw.decode("utf-8-sig", errors="strict") if isinstance(raw, bytes) else raw.lstrip("\ufeff")
             if not text.strip():
                 continue
-            obj = json.loads(text)
+            try:
+                obj = json.loads(text)
+            except RecursionError:
+                raise ValueError("JSON nested too deeply") from None
             line_fmt, _ = parse_example(obj)
             if fmt is None:
                 fmt = line_fmt
@@ -295,6 +305,6 @@ def validate_jsonl(lines: Iterable[bytes | str]) -> DatasetReport:
 def iter_examples(lines: Iterable[bytes | str]) -> Iterable[tuple[DatasetFormat, Example]]:
     """Parse a validated JSONL file into typed examples."""
     for raw in lines:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw.lstrip("\ufeff")
         if text.strip():
             yield parse_example(json.loads(text))
