@@ -68,14 +68,17 @@ def test_ray_pods_read_only_the_object_store_secret(values):
             assert env["AWS_ENDPOINT_URL"]["value"] == store["endpointUrl"]
 
 
-def test_inline_credentials_become_a_secret_used_by_api_scheduler_and_ray():
+def test_inline_credentials_become_a_secret_used_by_api_and_ray():
     objs = render(MINIO)
     assert secret(objs, f"{FULLNAME}-object-store") == {"access-key-id": "AK", "secret-access-key": "SK"}
     assert secret(objs, f"{FULLNAME}-database") == {"url": DB_URL}
     for owner in (API, SCHEDULER):
         env = pod(objs, owner).env()
-        assert env["LORAFLEET_S3_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == f"{FULLNAME}-object-store"
         assert env["LORAFLEET_S3_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    api, scheduler = pod(objs, API).env(), pod(objs, SCHEDULER).env()
+    assert api["LORAFLEET_S3_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == f"{FULLNAME}-object-store"
+    # The scheduler names the store in each run's spec but never reads it: no credentials.
+    assert "LORAFLEET_S3_ACCESS_KEY_ID" not in scheduler and "LORAFLEET_S3_SECRET_ACCESS_KEY" not in scheduler
     # Credentials never appear in clear in any pod spec.
     for p in pods(objs):
         assert all(e.get("value") not in ("AK", "SK", DB_URL) for e in p.env().values()), p.owner
@@ -113,11 +116,12 @@ def test_ray_token_auth_is_on_and_shared_with_the_ray_clients_only(values):
     assert len(specs) == 2
     for owner, spec in specs.items():
         assert spec["authOptions"] == {"mode": "token", "secretName": token_secret}, owner
-    for owner in (API, SCHEDULER):
-        env = pod(objs, owner).env()
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": token_secret, "key": "auth_token"}
-    assert "RAY_AUTH_TOKEN" not in pod(objs, MIGRATIONS).env()
+    env = pod(objs, SCHEDULER).env()  # the one client of Ray: the API only proxies to Serve's HTTP
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": token_secret, "key": "auth_token"}
+    for owner in (API, MIGRATIONS):
+        assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_MODE"} & pod(objs, owner).env().keys(), owner
+        assert token_secret not in {name for name, _ in pod(objs, owner).secret_refs()}, owner
 
 
 def test_control_plane_finds_ray_and_serve_through_kuberay_services():

@@ -69,9 +69,10 @@ imagePullPolicy: {{ .image.pullPolicy | default $g.pullPolicy }}
 {{- define "lorafleet.objectStoreSecretName" -}}
 {{- .Values.objectStore.existingSecret | default (printf "%s-object-store" (include "lorafleet.fullname" .)) }}
 {{- end }}
-{{/* Credentials are optional (e.g. an instance role on AWS): no secret, no credential env. */}}
+{{/* Credentials are optional (an instance role, or objectStore.workloadIdentity): no secret,
+no credential env. */}}
 {{- define "lorafleet.objectStoreHasCredentials" -}}
-{{- if or .Values.objectStore.existingSecret .Values.objectStore.accessKeyId }}true{{ end }}
+{{- if and (not .Values.objectStore.workloadIdentity.enabled) (or .Values.objectStore.existingSecret .Values.objectStore.accessKeyId) }}true{{ end }}
 {{- end }}
 {{- define "lorafleet.authSecretName" -}}
 {{- .Values.auth.existingSecret | default (printf "%s-auth" (include "lorafleet.fullname" .)) }}
@@ -125,8 +126,9 @@ http://{{ include "lorafleet.serviceName" . }}-serve-svc.{{ .Release.Namespace }
       key: {{ include "lorafleet.databaseSecretKey" . }}
 {{- end }}
 
-{{/* Control plane: the LORAFLEET_S3_* names service/settings.py reads. */}}
-{{- define "lorafleet.env.objectStore" -}}
+{{/* Where the object store is, without credentials: the scheduler names it in each run's spec
+but never reads or writes it. The LORAFLEET_S3_* names service/settings.py reads. */}}
+{{- define "lorafleet.env.objectStoreAddress" -}}
 - name: LORAFLEET_OBJECT_STORE_URL
   value: {{ .Values.objectStore.url | quote }}
 - name: LORAFLEET_S3_REGION
@@ -135,6 +137,11 @@ http://{{ include "lorafleet.serviceName" . }}-serve-svc.{{ .Release.Namespace }
 - name: LORAFLEET_S3_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/* The API: the object store's address and credentials. */}}
+{{- define "lorafleet.env.objectStore" -}}
+{{ include "lorafleet.env.objectStoreAddress" . }}
 {{- if include "lorafleet.objectStoreHasCredentials" . }}
 - name: LORAFLEET_S3_ACCESS_KEY_ID
   valueFrom:
@@ -175,7 +182,7 @@ http://{{ include "lorafleet.serviceName" . }}-serve-svc.{{ .Release.Namespace }
 {{- end }}
 {{- end }}
 
-{{/* Clients of Ray (scheduler submits jobs, API calls Serve): the Ray token. */}}
+{{/* The one client of Ray, the scheduler (it submits jobs): the Ray token. */}}
 {{- define "lorafleet.env.rayClient" -}}
 - name: RAY_AUTH_MODE
   value: token
@@ -188,6 +195,10 @@ http://{{ include "lorafleet.serviceName" . }}-serve-svc.{{ .Release.Namespace }
 - name: LORAFLEET_RAY_ADDRESS
   value: {{ include "lorafleet.rayAddress" . | quote }}
 {{- end }}
+{{- end }}
+
+{{/* The API proxies inference to Serve's HTTP port: it needs the address, not the Ray token. */}}
+{{- define "lorafleet.env.serveClient" -}}
 {{- if .Values.serve.enabled }}
 - name: LORAFLEET_SERVE_URL
   value: {{ include "lorafleet.serveUrl" . | quote }}

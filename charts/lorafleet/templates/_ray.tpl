@@ -1,7 +1,24 @@
 {{/*
+objectStore.workloadIdentity: the pods that read the store (API, Ray) run as a service account
+your cloud maps to a role (IRSA / EKS Pod Identity, GKE or Azure Workload Identity), and no pod
+holds a key. Keys and workload identity together are refused: one source of truth.
+*/}}
+{{- define "lorafleet.objectStoreServiceAccount" -}}
+{{- $wi := .Values.objectStore.workloadIdentity }}
+{{- if and $wi.enabled (or .Values.objectStore.accessKeyId .Values.objectStore.existingSecret) }}
+{{- fail "objectStore.workloadIdentity.enabled: leave objectStore.accessKeyId and objectStore.existingSecret empty" }}
+{{- end }}
+{{- if and $wi.enabled $wi.serviceAccountName }}
+serviceAccountName: {{ $wi.serviceAccountName }}
+{{- end }}
+{{- end }}
+
+{{/*
 A Ray pod template. (dict "root" $ "group" <head or worker group values> "head" bool "train" bool)
-Ray pods get the object store and (through KubeRay's authOptions) the Ray token: never the
-database URL, the admin token or the internal secret.
+Ray pods get the object store's credentials in their own environment, from its Secret by
+secretKeyRef (or none: workload identity), and (through KubeRay's authOptions) the Ray token:
+never the database URL, the admin token or the internal secret. Ray Jobs carry no credential
+(service.launcher.job_env): anything in a Ray Job is readable by whoever holds the Ray token.
 */}}
 {{- define "lorafleet.rayPodTemplate" -}}
 {{- $root := .root }}
@@ -18,6 +35,7 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
+  {{- include "lorafleet.objectStoreServiceAccount" $root | nindent 2 }}
   {{- with $root.Values.global.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
