@@ -34,8 +34,8 @@ class Hyperparameters(_Strict):
     Each bound is in docs/API.md ("Limits"). Those that depend on the base model (r against its
     max_rank, max_seq_length against its context, target_modules against its layers) and across
     fields (batch_size x gradient_accumulation_steps) are checked at job creation
-    (``service.catalog.limits``); ``bias`` other than "none" is refused there too (serving
-    cannot apply trained biases)."""
+    (``service.catalog.limits``), as is ``bias`` other than "none" (served only where serving
+    wraps every layer that has a bias)."""
 
     r: Annotated[int, Field(ge=1, le=256)] = 8
     lora_alpha: Annotated[float, Field(gt=0, le=2048)] | None = None  # None: 2 * r

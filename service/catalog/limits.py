@@ -47,8 +47,11 @@ def check_hyperparameters(base: BaseModelRow, hp: Hyperparameters, *, param: str
     if hp.batch_size * hp.max_seq_length > MAX_MICRO_BATCH_TOKENS:
         refuse("batch_size", f"batch_size x max_seq_length = {hp.batch_size * hp.max_seq_length} "
                              f"tokens per step; the limit is {MAX_MICRO_BATCH_TOKENS}")
-    if hp.bias != "none":
-        refuse("bias", f"bias={hp.bias!r} trains bias vectors that serving cannot apply; use 'none'")
+    if hp.bias != "none" and not has_llama_layout(facts):
+        # Serving applies trained biases of the seven layers it wraps: in a Llama layout those
+        # are all the biased layers there are; elsewhere "all" could train one it cannot apply.
+        refuse("bias", f"bias={hp.bias!r} needs a base model of a known architecture (serving "
+                       f"applies trained biases only to {', '.join(SERVABLE_LINEAR)}); use 'none'")
     problem = target_modules_problem(hp.target_modules, facts)
     if problem is not None:
         refuse("target_modules", problem)

@@ -39,8 +39,6 @@ def lora(**hp) -> dict:
      f"{HP}.gradient_accumulation_steps"),
     (lora(batch_size=256, max_seq_length=2048), "invalid_hyperparameters", f"{HP}.batch_size"),
     (lora(r=128), "invalid_hyperparameters", f"{HP}.r"),  # the base's max_rank is 64
-    (lora(bias="all"), "invalid_hyperparameters", f"{HP}.bias"),
-    (lora(bias="lora_only"), "invalid_hyperparameters", f"{HP}.bias"),
     (lora(target_modules=["does_not_exist"]), "invalid_hyperparameters", f"{HP}.target_modules"),
     (lora(target_modules=["q_proj", "lm_head"]), "invalid_hyperparameters", f"{HP}.target_modules"),
     (lora(target_modules=["model.layers.4.self_attn.q_proj"]), "invalid_hyperparameters",
@@ -70,6 +68,7 @@ def test_the_bad_target_modules_are_named(client, tenant):
     dict(target_modules=["self_attn.q_proj", "model.layers.3.mlp.down_proj", "3.mlp.up_proj", "v_proj"]),
     dict(target_modules=r"model\.layers\.[0-3]\.self_attn\.(q|v)_proj"),
     dict(target_modules="all-linear", r=64, lora_alpha=2048, n_epochs=50, lora_dropout=0.5),
+    dict(bias="all"), dict(bias="lora_only"),  # served (tests/workers/serve/test_serve_bias.py)
 ])
 def test_values_at_the_limits_are_accepted(client, tenant, hp):
     file_id = uploaded_file(client, tenant)
@@ -112,3 +111,16 @@ def test_static_metadata_matches_the_real_models():
     linear = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
     assert linear == set(servable) | {"lm_head"}
     assert set(modules) - {""} == set(servable) | set(others)
+
+
+def test_bias_is_refused_on_a_base_of_unknown_architecture(client, tenant):
+    """Serving applies trained biases of the layers it wraps; on an architecture we do not know,
+    bias="all" could train others."""
+    client.post("/v1/admin/models", json={"id": "acme/mystery", "source_uri": "s3://m/y", "max_rank": 64},
+                headers=ADMIN)
+    file_id = uploaded_file(client, tenant)
+    for bias in ("all", "lora_only"):
+        r = create_job(client, tenant, file_id, model="acme/mystery", **lora(bias=bias))
+        assert_problem(r, 422, "invalid_hyperparameters", f"{HP}.bias")
+    r = create_job(client, tenant, file_id, model="acme/mystery", **lora(bias="none"))
+    assert r.status_code == 201, r.text

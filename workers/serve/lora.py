@@ -36,28 +36,38 @@ class AdapterFormatError(ValueError):
 
 @dataclass
 class LoraAdapter:
-    """One adapter on the host: per module ``(A^T (in, r), B^T (r, out))`` and its scale."""
+    """One adapter on the host: per module ``(A^T (in, r), B^T (r, out))`` and its scale; and
+    the bias vectors it trained (PEFT ``bias="all"|"lora_only"``), whole, per module."""
 
     key: str  # unique per version (id@prefix): a new version gets a new device slot
     adapter_id: str
     rank: int
     scale: float
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def modules(self) -> set[str]:
+        return set(self.weights) | set(self.biases)
 
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.weights.values())
+                   for a, b in self.weights.values()) + sum(t.numel() * t.element_size()
+                                                            for t in self.biases.values())
 
 
 def _peft_module_name(key: str) -> tuple[str, str]:
-    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' → (module, 'lora_A')."""
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' → (module, 'lora_A');
+    a trained bias, '….q_proj.base_layer.bias' or '….k_proj.bias' → (module, 'bias')."""
     name = key.removeprefix("base_model.model.")
     for part in ("lora_A", "lora_B"):
         suffix = f".{part}.weight"
         if name.endswith(suffix):
             return name[: -len(suffix)], part
-    raise AdapterFormatError(f"unexpected tensor {key!r}: only plain LoRA A/B weights are served")
+    if name.endswith(".bias") and ".lora_" not in name:
+        return name.removesuffix(".bias").removesuffix(".base_layer"), "bias"
+    raise AdapterFormatError(f"unexpected tensor {key!r}: only LoRA A/B weights and biases are served")
 
 
 def load_peft_adapter(directory: Path, *, key: str, adapter_id: str,
@@ -91,8 +101,10 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
         raise AdapterFormatError(f"adapter {adapter_id!r} is {config.get('peft_type')}, not LORA")
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
                    if config.get(k)]
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
         unsupported.append("bias")
+    if config.get("lora_bias"):  # a bias on lora_B: not served (nor trainable through our API)
+        unsupported.append("lora_bias")
     if unsupported:
         raise AdapterFormatError(f"adapter {adapter_id!r} uses unsupported LoRA options: {unsupported}")
     try:
@@ -107,8 +119,14 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
     for name, tensor in tensors.items():
         module, part = _peft_module_name(name)
         parts.setdefault(module, {})[part] = tensor
-    weights = {}
+    weights, biases = {}, {}
     for module, ab in parts.items():
+        if "bias" in ab:
+            bias = ab.pop("bias")
+            _check_tensor(adapter_id, f"{module}.bias", bias, dims=1)
+            biases[module] = bias.to(dtype).contiguous()
+            if not ab:
+                continue  # bias="all": a layer without LoRA weights whose bias was trained
         if set(ab) != {"lora_A", "lora_B"}:
             raise AdapterFormatError(f"adapter {adapter_id!r}: {module} lacks lora_A or lora_B")
         a, b = ab["lora_A"], ab["lora_B"]  # (r, in), (out, r)
@@ -119,23 +137,27 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
         weights[module] = (a.t().to(dtype).contiguous(), b.t().to(dtype).contiguous())
     if not weights:
         raise AdapterFormatError(f"adapter {adapter_id!r} holds no LoRA weights")
-    return LoraAdapter(key=key, adapter_id=adapter_id, rank=rank, scale=scale, weights=weights)
+    return LoraAdapter(key=key, adapter_id=adapter_id, rank=rank, scale=scale, weights=weights,
+                       biases=biases)
 
 
-def _check_tensor(adapter_id: str, name: str, t: torch.Tensor) -> None:
-    """A weight one request's rows can use without breaking: 2-D, floating point, finite.
-    (Shapes against the base model's layers: ``DeviceSlots.check``.)"""
+def _check_tensor(adapter_id: str, name: str, t: torch.Tensor, dims: int = 2) -> None:
+    """A weight one request's rows can use without breaking: a matrix (a vector for a bias),
+    floating point, finite. (Shapes against the base model's layers: ``DeviceSlots.check``.)"""
     if t.dtype not in ADAPTER_DTYPES:
         raise AdapterFormatError(f"adapter {adapter_id!r}: {name} is {str(t.dtype).removeprefix('torch.')}; "
                                  f"LoRA weights must be float16, bfloat16 or float32")
-    if t.dim() != 2 or 0 in t.shape:
-        raise AdapterFormatError(f"adapter {adapter_id!r}: {name} has shape {tuple(t.shape)}, not a matrix")
+    if t.dim() != dims or 0 in t.shape:
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {name} has shape {tuple(t.shape)}, not a "
+                                 f"{'matrix' if dims == 2 else 'vector'}")
     if not bool(torch.isfinite(t).all()):
         raise AdapterFormatError(f"adapter {adapter_id!r}: {name} holds non-finite values (inf or NaN)")
 
 
 class MultiLoraLinear(nn.Module):
-    """base(x) + (x A_row) (scale_row B_row) for every row of the batch: two batched matmuls."""
+    """base(x) + (x A_row) (scale_row B_row) for every row of the batch: two batched matmuls;
+    plus, when the base layer has a bias, each row's trained bias minus the base's (zero for
+    rows whose adapter did not train it)."""
 
     def __init__(self, base: nn.Module, slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
@@ -149,20 +171,39 @@ class MultiLoraLinear(nn.Module):
         self.filled: set[int] = set()  # slots holding weights for this module
         self._a: torch.Tensor | None = None  # (batch, in, rank) for the current batch
         self._b: torch.Tensor | None = None  # (batch, rank, out), times each row's scale
+        # Trained bias minus the base's, per slot: only for a base layer that has a bias.
+        self.has_bias = getattr(base, "bias", None) is not None
+        self.register_buffer("stack_bias", torch.zeros(slots if self.has_bias else 0, self.out_features,
+                                                       dtype=dtype, device=device), persistent=False)
+        self.bias_filled: set[int] = set()
+        self._bias: torch.Tensor | None = None  # (batch, 1, out) for the current batch
 
-    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None,
+              bias: torch.Tensor | None = None) -> None:
+        self.forget(slot)
         self.stack_a[slot].zero_()
         self.stack_b[slot].zero_()
-        self.filled.discard(slot)
+        if self.has_bias:
+            self.stack_bias[slot].zero_()
         if a is not None:
             r = a.shape[1]
             self.stack_a[slot, :, :r].copy_(a)
             self.stack_b[slot, :r, :].copy_(b)
             self.filled.add(slot)
+        if bias is not None:  # DeviceSlots.check refused a bias for a layer without one
+            self.stack_bias[slot].copy_(bias.to(self.stack_bias) - self.base.bias.detach().to(self.stack_bias))
+            self.bias_filled.add(slot)
+
+    def forget(self, slot: int) -> None:
+        self.filled.discard(slot)
+        self.bias_filled.discard(slot)
 
     def prepare(self, rows: list[int], rows_t: torch.Tensor, rank: int, scale: torch.Tensor) -> None:
         """Gather the batch's weights once per composition, not in every forward; each row's
         scale is folded into its B so the forward is one bmm and one baddbmm."""
+        self._bias = None
+        if self.has_bias and not self.bias_filled.isdisjoint(rows):
+            self._bias = self.stack_bias.index_select(0, rows_t).unsqueeze(1)
         if rank == 0 or self.filled.isdisjoint(rows):
             self._a = self._b = None
             return
@@ -171,6 +212,8 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self._bias is not None:
+            y = y + self._bias.to(y.dtype)
         if self._a is None:
             return y
         if y.dtype != self._a.dtype:

@@ -41,7 +41,7 @@ class DeviceSlots:
             raise AdapterFormatError(
                 f"adapter {adapter.adapter_id!r} has rank {adapter.rank}; this replica serves "
                 f"ranks up to {self.max_rank}")
-        unknown = set(adapter.weights) - set(self._modules)
+        unknown = adapter.modules - set(self._modules)
         if unknown:
             raise AdapterFormatError(
                 f"adapter {adapter.adapter_id!r} targets modules the base model does not have "
@@ -55,6 +55,16 @@ class DeviceSlots:
                     f"adapter {adapter.adapter_id!r}: {name} has lora_A {tuple(a.shape[::-1])} and "
                     f"lora_B {tuple(b.shape[::-1])}; the base model's layer needs "
                     f"{want_a[::-1]} and {want_b[::-1]}")
+        for name, bias in adapter.biases.items():
+            module = self._modules[name]
+            if not module.has_bias:
+                raise AdapterFormatError(
+                    f"adapter {adapter.adapter_id!r}: {name} has a trained bias but the base "
+                    f"model's layer has none")
+            if tuple(bias.shape) != (module.out_features,):
+                raise AdapterFormatError(
+                    f"adapter {adapter.adapter_id!r}: {name}.bias has shape {tuple(bias.shape)}; the "
+                    f"base model's layer needs ({module.out_features},)")
 
     def acquire(self, adapter: LoraAdapter) -> int | None:
         """The adapter's slot with one more reference, or None while every slot is busy."""
@@ -72,7 +82,7 @@ class DeviceSlots:
             start = time.perf_counter()
             try:
                 for name, module in self._modules.items():
-                    module.write(slot, *adapter.weights.get(name, (None, None)))
+                    module.write(slot, *adapter.weights.get(name, (None, None)), adapter.biases.get(name))
             except BaseException:  # leave no half-written slot behind: zero it, free it
                 for module in self._modules.values():
                     module.write(slot, None, None)
@@ -120,7 +130,7 @@ class DeviceSlots:
     def _drop(self, key: str, reuse: bool = False) -> int:
         res = self._resident.pop(key)
         for module in self._modules.values():
-            module.filled.discard(res.slot)
+            module.forget(res.slot)
         if not reuse:
             self._free.append(res.slot)
         return res.slot
