@@ -58,7 +58,10 @@ def test_ray_pods_read_only_the_object_store_secret(values):
     for p in (p for p in pods(objs) if p.ray):
         env = p.env()
         assert env["LORAFLEET_OBJECT_STORE_URL"]["value"] == store.get("url", "s3://lorafleet/prod")
-        assert {name for name, _ in p.secret_refs()} <= {store_secret}, p.owner
+        # Serving pods also check the API's signatures (tests/charts/test_chart_networkpolicy.py).
+        signing_secret = values.get("serve", {}).get("signing", {}).get("existingSecret") or f"{FULLNAME}-serve-signing"
+        signing = {signing_secret} if p.owner.startswith("RayService/") else set()
+        assert {name for name, _ in p.secret_refs()} <= {store_secret} | signing, p.owner
         if has_creds:
             assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == store_secret
             assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == store_secret

@@ -69,6 +69,8 @@ spec:
         {{- if .train }}
         - name: LORAFLEET_PUBLIC_URL
           value: {{ include "lorafleet.apiUrl" $root | quote }}
+        {{- else }}
+        {{- include "lorafleet.env.serveSigningKey" $root | nindent 8 }}
         {{- end }}
         {{- with $root.Values.ray.extraEnv }}
         {{- toYaml . | nindent 8 }}
