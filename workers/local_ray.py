@@ -1,4 +1,5 @@
-"""Start and stop a local single-node Ray (head + dashboard) for the embedded stack and tests.
+"""Start and stop a local Ray (head + dashboard) for the embedded stack and tests, and join
+worker nodes to it (the multi-node tests: a node with a filesystem of its own, as a pod has).
 
 A `ray start` daemon rather than an in-process `ray.init()`: it outlives the process that
 started it, so training runs survive a restart of the embedded server, and the scheduler can
@@ -65,11 +66,35 @@ def _reports_resources(url: str, token: str | None) -> bool:
         return False
 
 
-def start_local_ray(state_dir: Path, *, num_cpus: int | None = None, reuse: bool = False) -> dict:
+def _port_flags(*flags: str) -> list[str]:
+    # Every port Ray would otherwise take from a fixed default, so that several nodes (tests,
+    # a developer's own Ray) can live on one machine.
+    return [f"--{flag}={free_port()}" for flag in flags]
+
+
+_NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+               "metrics-export-port", "node-manager-port", "object-manager-port")
+
+
+def node_env(token_path: Path, env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a node's processes (raylet, Ray workers, Ray Job drivers).
+
+    ``env`` is for what the workers need and nobody else may read, e.g. the object store's
+    credentials: a Ray Job's runtime_env and a trainer's config are kept in Ray's GCS, readable
+    by anyone holding the Ray token; a node's own environment is not. The control plane's
+    secrets (LORAFLEET_*) stay out unless ``env`` names them.
+    """
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLEET_", "RAY_AUTH_"))}
+    return base | {"RAY_USAGE_STATS_ENABLED": "0", **auth_env(token_path), **(env or {})}
+
+
+def start_local_ray(state_dir: Path, *, num_cpus: int | None = None, reuse: bool = False,
+                    env: dict[str, str] | None = None) -> dict:
     """Start a head node with Ray's token authentication on (the token in ``state_dir``).
 
-    With ``reuse``, join the node recorded in ``state_dir/ray.json`` if it is alive. Returns
-    {"address", "dashboard", "temp_dir", "token_path"}; callers send the token as a bearer token.
+    With ``reuse``, join the node recorded in ``state_dir/ray.json`` if it is alive. ``env`` is
+    added to the node's environment (see node_env). Returns {"address", "dashboard", "temp_dir",
+    "token_path"}; callers send the token as a bearer token.
     """
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -86,18 +111,10 @@ def start_local_ray(state_dir: Path, *, num_cpus: int | None = None, reuse: bool
     cmd = [_ray_cli(), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash_port}", "--include-dashboard=true", "--disable-usage-stats",
            f"--temp-dir={temp_dir}"]
-    # Every port Ray would otherwise take from a fixed default, so that several nodes (tests,
-    # a developer's own Ray) can live on one machine.
-    for flag in ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
-                 "object-manager-port"):
-        cmd.append(f"--{flag}={free_port()}")
+    cmd += _port_flags("ray-client-server-port", *_NODE_PORTS)
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    # The node inherits this environment: keep the control plane's secrets out of it.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLEET_", "RAY_AUTH_"))}
-    env |= {"RAY_USAGE_STATS_ENABLED": "0", **auth_env(token_path)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=node_env(token_path, env), capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     info = {"address": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}",
@@ -112,12 +129,88 @@ def start_local_ray(state_dir: Path, *, num_cpus: int | None = None, reuse: bool
     return info
 
 
+def _cluster_cpus(url: str, token: str | None) -> float:
+    try:
+        with _get(f"{url}/api/cluster_status", token) as resp:
+            return json.load(resp)["data"]["clusterStatus"]["loadMetricsReport"]["usage"]["CPU"][1]
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0.0
+
+
+# Run as `sh -c _PRIVATE_FS sh HOME KEEP CMD...` in a new mount namespace: empty tmpfs over
+# HOME and /tmp, except HOME/KEEP (the Python install, when it lives under HOME) bound back.
+_PRIVATE_FS = """set -e
+home=$1 keep=$2; shift 2
+old=$(mktemp -d /tmp/lf-home-XXXXXX)
+mount --bind "$home" "$old"
+mount -t tmpfs lf-home "$home"
+if [ -n "$keep" ]; then mkdir -p "$home/$keep"; mount --bind "$old/$keep" "$home/$keep"; fi
+umount -l "$old"; rmdir "$old"
+mount -t tmpfs lf-tmp /tmp
+exec "$@"
+"""
+
+
+def _home_relative_interpreter() -> str:
+    """The top folder under HOME holding this interpreter's install (pyenv's), or ''."""
+    home = Path.home().resolve()
+    for prefix in (Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()):
+        if prefix.is_relative_to(home):
+            return prefix.relative_to(home).parts[0]
+    return ""
+
+
+def join_local_ray(head: dict, *, num_cpus: int, resources: dict[str, float] | None = None,
+                   env: dict[str, str] | None = None, private_fs: bool = False,
+                   timeout: float = 180) -> dict:
+    """Start a worker node that joins ``head``'s cluster (a second node on this machine).
+
+    ``resources`` are custom Ray resources only this node has (to place work on it); ``env`` is
+    added to its environment (see node_env). With ``private_fs`` its processes see a filesystem
+    of their own, as a separate pod would: the node lives in its own mount namespace (`unshare
+    --mount`, needs root) with empty tmpfs over $HOME and /tmp, so nothing the head writes under
+    either is visible to it. Returns {"temp_dir", "head_address"}; stop it with stop_local_ray.
+    """
+    token_path = Path(head["token_path"])
+    token = token_path.read_text().strip()
+    before = _cluster_cpus(head["dashboard"], token)
+    temp_dir = f"/tmp/lf-ray-w-{os.getpid()}-{free_port()}"
+    ray_cmd = [_ray_cli(), "start", f"--address={head['address']}", f"--num-cpus={num_cpus}",
+               f"--temp-dir={temp_dir}", *_port_flags(*_NODE_PORTS)]
+    if resources:
+        ray_cmd.append(f"--resources={json.dumps(resources)}")
+    node = node_env(token_path, env)
+    if private_fs:
+        # The token file is on the head's /tmp, hidden from this node: hand it over by value.
+        node.pop("RAY_AUTH_TOKEN_PATH")
+        node["RAY_AUTH_TOKEN"] = token
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_FS, "sh",
+               str(Path.home()), _home_relative_interpreter(), *ray_cmd]
+    else:
+        cmd = ray_cmd
+    proc = subprocess.run(cmd, env=node, capture_output=True, text=True, timeout=timeout)
+    info = {"temp_dir": temp_dir, "head_address": head["address"]}
+    if proc.returncode != 0:
+        stop_local_ray(info)
+        raise RuntimeError(f"ray start (worker) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    deadline = time.monotonic() + timeout
+    while _cluster_cpus(head["dashboard"], token) < before + num_cpus:
+        if time.monotonic() > deadline:
+            stop_local_ray(info)
+            raise RuntimeError("the worker node did not join the cluster in time")
+        time.sleep(0.5)
+    return info
+
+
 def _node_processes(info: dict) -> list:
-    """The node's processes: those naming its temp dir or GCS port, and all their children."""
+    """The node's processes: those naming its temp dir (or a head's GCS port), and all their
+    children. A worker node's processes name the head's GCS address too: its temp dir alone."""
     import psutil
 
-    port = info["address"].rsplit(":", 1)[1]
-    marks = (info["temp_dir"], f":{port} ", f":{port}\0")
+    marks: tuple[str, ...] = (info["temp_dir"],)
+    if "address" in info:
+        port = info["address"].rsplit(":", 1)[1]
+        marks += (f":{port} ", f":{port}\0")
     found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         cmd = "\0".join(proc.info["cmdline"] or []) + "\0"
