@@ -71,6 +71,19 @@ def serving_key_env(settings: Settings) -> dict[str, str]:
     return {name: key.get_secret_value() for name, key in keys.items() if key is not None}
 
 
+def object_store_env(settings: Settings) -> dict[str, str]:
+    """The object store's settings as boto3 reads them from a process environment (AWS_*)."""
+    if not settings.effective_object_store_url.startswith("s3://"):
+        return {}
+    env = {"AWS_DEFAULT_REGION": settings.s3_region}
+    if settings.s3_access_key_id and settings.s3_secret_access_key:
+        env["AWS_ACCESS_KEY_ID"] = settings.s3_access_key_id.get_secret_value()
+        env["AWS_SECRET_ACCESS_KEY"] = settings.s3_secret_access_key.get_secret_value()
+    if settings.s3_endpoint_url:
+        env["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
+    return env
+
+
 def start_serving(settings: Settings, ray_info: dict, *, port: int) -> tuple[subprocess.Popen, str]:
     """Run the serving application on the local Ray (a driver subprocess that owns it).
 
@@ -120,7 +133,10 @@ def run_stack(settings: Settings | None = None, *, serving: bool = True, serve_p
     ray_info = None
     token = None
     if not settings.ray_address:
-        ray_info = start_local_ray(settings.data_dir / "ray", num_cpus=num_cpus, reuse=True)
+        # The object store's credentials go into the node's own environment, where its workers
+        # (training and serving) read them; never into a Ray Job (see service.launcher.job_env).
+        ray_info = start_local_ray(settings.data_dir / "ray", num_cpus=num_cpus, reuse=True,
+                                   env=object_store_env(settings))
         updates["ray_address"] = ray_info["dashboard"]
         token = Path(ray_info["token_path"]).read_text().strip()
     serving_proc = None

@@ -177,3 +177,22 @@ def test_a_run_that_cannot_be_prepared_fails_in_our_words(stack, caplog):
                             "param": None}
     assert ray.submitted == []
     assert any("no longer exists" in r.getMessage() and job_id in r.getMessage() for r in caplog.records)
+
+
+def test_the_embedded_ray_node_holds_the_store_keys_and_none_of_the_control_planes(tmp_path, monkeypatch):
+    """The embedded stack's local Ray gets the object store's keys in the node's own environment
+    (where its training workers and serving replicas read them) and none of our secrets."""
+    from service.embedded import object_store_env
+    from workers.local_ray import node_env
+
+    monkeypatch.setenv("LORAFLEET_DATABASE_URL", "postgresql://u:p@db/lf")
+    monkeypatch.setenv("LORAFLEET_INTERNAL_SECRET", INTERNAL)
+    settings = make_settings(tmp_path, "sqlite:///x.db").model_copy(update={
+        "object_store_url": "s3://bucket/lorafleet", "s3_endpoint_url": "http://minio:9000",
+        "s3_access_key_id": SecretStr(S3_KEY_ID), "s3_secret_access_key": SecretStr(S3_SECRET)})
+    env = node_env(tmp_path / "auth_token", object_store_env(settings))
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (S3_KEY_ID, S3_SECRET)
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert not [k for k in env if k.startswith("LORAFLEET_")]
+    local = make_settings(tmp_path, "sqlite:///x.db")  # a local folder store: nothing to hand over
+    assert object_store_env(local) == {}
