@@ -53,7 +53,9 @@ class Hyperparameters(_Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     max_seq_length: Annotated[int, Field(ge=8, le=MAX_SEQ_LENGTH)] = 512
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
-    # Our extensions: how often to evaluate and checkpoint (optimizer steps; 0 = only at the end).
+    # Our extensions, in optimizer steps. eval_steps: evaluate every N steps (0 = only at the end).
+    # checkpoint_steps: checkpoint every N steps too (0 = only at each epoch end, where a
+    # checkpoint is always written: a restarted run repeats at most an epoch).
     eval_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     checkpoint_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     # "pack" (default) concatenates examples with per-example attention; "pad" pads per batch.

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from workers.spec import AdapterManifest, FileDigest
-from workers.storage import ObjectStore, StorageError, put_bytes, sha256_of
+from workers.storage import ObjectStore, StorageError, get_bytes, put_bytes, sha256_of
 from workers.train.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,37 @@ def publish_adapter(store: ObjectStore, prefix: str, peft_model, manifest_fields
     body = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
     with_retries(f"upload of {key}", lambda: put_bytes(store, key, body), **retry)
     return key
+
+
+def published_adapter(store: ObjectStore, prefix: str, job_id: str) -> tuple[str, AdapterManifest] | None:
+    """(key, manifest) of the adapter ``job_id`` already published under ``prefix``, when its
+    manifest is there and every file it lists reads back with the recorded sha256; else None."""
+    prefix = prefix.rstrip("/")
+    key = f"{prefix}/{MANIFEST}"
+
+    def read() -> bytes | None:
+        return get_bytes(store, key) if store.exists(key) else None
+
+    raw = with_retries(f"lookup of {key}", read)
+    if raw is None:
+        return None
+    try:
+        manifest = AdapterManifest.model_validate_json(raw)
+    except ValueError:
+        log.warning("%s is not a valid manifest; training again", key)
+        return None
+    if manifest.job_id != job_id:
+        return None
+
+    def stored_digest(name: str) -> tuple[str, int] | None:
+        return sha256_of(store, f"{prefix}/{name}") if store.exists(f"{prefix}/{name}") else None
+
+    for name, digest in manifest.files.items():
+        stored = with_retries(f"verification of {prefix}/{name}", lambda n=name: stored_digest(n))
+        if stored != (digest.sha256, digest.bytes):
+            log.warning("%s/%s is missing or differs from its manifest; training again", prefix, name)
+            return None
+    return key, manifest
 
 
 def adapter_id_from_prefix(prefix: str) -> str:

@@ -140,6 +140,7 @@ class _Run:
         self.hp = spec.hyperparameters
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.step = 0
+        self.checkpointed_step = -1
         self.trained_tokens = 0
         self.metrics: dict[str, float] = {}
 
@@ -206,6 +207,7 @@ class _Run:
         if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step, self.trained_tokens = state["step"], state.get("trained_tokens", 0)
+        self.checkpointed_step = self.step
         self.emit(f"resumed from checkpoint at step {self.step}", "status", {"step": self.step, "checkpoint": key})
 
     # -- training ------------------------------------------------------------------------------
@@ -253,10 +255,14 @@ class _Run:
                     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, now
                 if self.hp.eval_steps and self.step % self.hp.eval_steps == 0 and self.step < self.total_steps:
                     self.evaluate()
-                if self.hp.checkpoint_steps and self.step % self.hp.checkpoint_steps == 0 and self.step < self.total_steps:
+                if self.hp.checkpoint_steps and self.step % self.hp.checkpoint_steps == 0:
                     self.checkpoint()
                 if self.world.is_main and self.reporter.should_stop():
                     raise TrainingCancelled(f"cancelled at step {self.step}")
+            # Every epoch end, the last one included: a run restarted after a crash, or after its
+            # result could not be delivered, never repeats more than an epoch of work.
+            if self.checkpointed_step != self.step:
+                self.checkpoint()
 
     def _optimizer_step(self, net, window: list[Batch]) -> tuple[float, float]:
         """Forward/backward every micro-batch of one optimizer step; the loss is the mean over
@@ -308,6 +314,7 @@ class _Run:
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
 
     def checkpoint(self) -> None:
+        self.checkpointed_step = self.step
         if not self.world.is_main:
             return
         key = artifacts.save_checkpoint(self.store, self.spec.checkpoint_prefix, self.step, self.model,
@@ -335,6 +342,13 @@ def run_training(spec: TrainJobSpec, *, store: ObjectStore, reporter: Reporter, 
     """Train ``spec``'s adapter and publish it (rank 0); raises TrainingError / TrainingCancelled."""
     start = time.monotonic()
     run = _Run(spec, store, reporter, device, world or World())
+    # A rerun of a job whose adapter an earlier run already published (its result was lost on
+    # the way to the control plane): hand in that adapter again rather than train it again.
+    if published := artifacts.published_adapter(store, spec.output_prefix, spec.job_id):
+        key, manifest = published
+        run.emit("adapter already published by an earlier run of this job; reporting it again",
+                 "status", {"manifest_key": key})
+        return TrainResult(manifest_key=key, metrics=manifest.metrics)
     run.emit(f"training {spec.method} adapter on {spec.base_model.id} (pid {os.getpid()})", "status")
     run.prepare()
     run.resume()
