@@ -36,6 +36,10 @@ class RequestFailed(RuntimeError):
         self.code, self.status = code, status
 
 
+class ContextLengthExceeded(ValueError):
+    """The prompt plus max_tokens do not fit in this replica's context."""
+
+
 # Failures that belong to one request end that request alone; the rest of the batch goes on.
 def _non_finite() -> RequestFailed:
     return RequestFailed("adapter_numerical_error",
@@ -142,8 +146,8 @@ class Engine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:  # would fail the batch's forward
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(prompt_ids) + params.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                             f"exceeds this replica's context of {self.max_len} tokens")
+            raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                                        f"exceeds this replica's context of {self.max_len} tokens")
         if adapter is not None:
             self.slots.check(adapter)
         req = Request(next(self._ids), list(prompt_ids), params, adapter, on_event,

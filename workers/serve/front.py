@@ -16,9 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.serve.adapters import AdapterCache, AdapterError
-from workers.serve.engine import Request
+from workers.serve.engine import ContextLengthExceeded, Request, RequestFailed
 from workers.serve.lora import AdapterFormatError
-from workers.serve.engine import RequestFailed
 from workers.serve.runner import EngineRunner
 from workers.serve.sampling import SamplingParams
 
@@ -144,8 +143,10 @@ class ServingFront:
             yield {"problem": problem(422, "adapter_invalid", str(exc), "model")}
         except RequestFailed as exc:  # our words; the cause was logged where it happened
             yield {"problem": problem(exc.status, exc.code, str(exc))}
-        except ValueError as exc:  # Engine.submit: prompt + max_tokens past the context
+        except ContextLengthExceeded as exc:  # Engine.submit: prompt + max_tokens past the context
             yield {"problem": problem(400, "context_length_exceeded", str(exc), "max_tokens")}
+        except ValueError as exc:  # Engine.submit: a prompt the model cannot read
+            yield {"problem": problem(400, "invalid_request", str(exc), "prompt")}
 
     # ---- request side -------------------------------------------------------------------------
 
