@@ -9,6 +9,7 @@ the request id and no traceback.
 from __future__ import annotations
 
 import logging
+import sys
 
 from http import HTTPStatus
 from typing import Any
@@ -17,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors as domain
@@ -107,8 +110,39 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                    headers=getattr(exc, "headers", None))
 
 
-def internal_error(scope: dict[str, Any]) -> JSONResponse:
-    """The catch-all 500 (used by the request middleware, which sees every unhandled error)."""
+# A database (or object store) that is down, failing over or out of connections answers 503 with
+# Retry-After, so clients (our SDK, workers) retry instead of giving up. Seconds to wait:
+RETRY_AFTER_S = 2
+# Lost connections, refused connects, statement timeouts (QueryCanceled is an OperationalError),
+# an exhausted pool: all pass. IntegrityError, DataError and the like are answers, not outages.
+DB_OUTAGE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+
+
+def is_db_outage(exc: BaseException | None) -> bool:
+    return isinstance(exc, DB_OUTAGE_ERRORS) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def db_unavailable(scope: dict[str, Any], exc: BaseException) -> JSONResponse:
+    rid = scope.get("state", {}).get("request_id")
+    # The driver's text names hosts and users: for our log (with the request id), not the client.
+    log.warning("database unavailable on %s (request %s): %s: %s", scope.get("path"), rid,
+                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return problem_response(503, problem_body(503, code="database_unavailable", request_id=rid,
+                                              detail="the database is unavailable; try again shortly"),
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def internal_error(scope: dict[str, Any], exc: BaseException | None = None) -> JSONResponse:
+    """The catch-all 500 (used by the request middleware, which sees every unhandled error).
+
+    A database outage raised outside a route (the idempotency middleware, a dependency's
+    teardown) is still a 503: the middleware calls this inside its ``except``, so the error is
+    the one being handled.
+    """
+    exc = exc if exc is not None else sys.exc_info()[1]
+    if is_db_outage(exc):
+        return db_unavailable(scope, exc)
     rid = scope.get("state", {}).get("request_id")
     return problem_response(500, problem_body(500, code="internal_error", request_id=rid,
                                               detail=f"internal error; quote request id {rid}"))
@@ -118,7 +152,12 @@ async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
     # The store's own message names endpoints, buckets and keys: for the log, not the client.
     log.warning("object store error on %s: %s", request.url.path, exc)
     return problem(request, 503, code="storage_unavailable",
-                   detail="the object store is unavailable; try again later")
+                   detail="the object store is unavailable; try again later",
+                   headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _db_error(request: Request, exc: Exception) -> JSONResponse:
+    return db_unavailable(request.scope, exc)
 
 
 async def _data_error(request: Request, exc: DataError) -> JSONResponse:
@@ -131,6 +170,8 @@ async def _data_error(request: Request, exc: DataError) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StorageError, _storage_error)
     app.add_exception_handler(DataError, _data_error)
+    for cls in DB_OUTAGE_ERRORS:  # other invalidated-connection errors: see internal_error
+        app.add_exception_handler(cls, _db_error)
     app.add_exception_handler(domain.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
