@@ -78,6 +78,15 @@ class Settings(BaseSettings):
     # Worker threads per API process for database reads (bench/api_load.py: a few keep the
     # database busy; dozens only contend for the GIL and stretch the latency tail).
     db_read_threads: int = Field(8, ge=1, le=256)
+    # Database connections per process (API and scheduler alike): a pool plus overflow. The chart
+    # keeps replicas × (pool + overflow) within Postgres' max_connections budget.
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(30, ge=0)
+    # Seconds a request waits for a pooled connection before it answers 503 (not a hang).
+    db_pool_timeout_s: float = Field(10.0, gt=0)
+    db_connect_timeout_s: int = Field(5, ge=1)
+    # PostgreSQL statement_timeout for the service's own queries (0 = none; migrations have none).
+    db_statement_timeout_s: float = Field(30.0, ge=0)
     # Timeout for calls proxied to the serving application.
     serve_timeout_s: float = Field(300.0, gt=0)
     # Seconds a proxied request waits for a free connection to serving before a 503 (never a hang
