@@ -2,6 +2,11 @@
 
 The invariant: a job is ``succeeded`` only when every adapter file is in the store with the
 checksum its manifest records, and the adapter row commits in the same transaction as the status.
+
+A blip is not a verdict. Only a definite answer rejects a result for good (the store says a key
+is not there, twice; a checksum, size, owner or name that does not match). A connection error,
+a timeout or a 5xx from the store raises StorageError, which the API answers with a retryable
+503: the job stays ``running`` and the worker posts the same result again.
 """
 
 from __future__ import annotations
@@ -29,12 +34,43 @@ class ResultRejected(Exception):
     """The reported adapter does not check out; the job fails with ``storage_error``."""
 
 
+def _store_failures() -> tuple[type[BaseException], ...]:
+    """What a store read can raise when the store, not the result, is at fault: our StorageError,
+    and errors that surface while a body streams (botocore wraps those itself, outside S3Store)."""
+    from botocore.exceptions import BotoCoreError
+
+    return (StorageError, BotoCoreError, OSError)
+
+
+def _read(store: ObjectStore, key: str, read):
+    """``read(store, key)``; a transient failure becomes StorageError (→ 503, retried)."""
+    try:
+        return read(store, key)
+    except ObjectNotFound:
+        # S3 answered 404: definite, but ask once more so a store that lost its mind for a
+        # moment (a proxy, a failover) cannot make us fail a good result.
+        if _exists(store, key):
+            raise StorageError(f"{key!r} was not found, then found: the store is inconsistent") from None
+        raise
+    except _store_failures() as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"reading {key!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _exists(store: ObjectStore, key: str) -> bool:
+    try:
+        return store.exists(key)
+    except _store_failures() as exc:
+        raise StorageError(f"checking {key!r} failed: {exc}") from exc
+
+
 def _verified_manifest(store: ObjectStore, job: Job, result: TrainResult) -> tuple[AdapterManifest, bytes]:
     expected_prefix = adapter_prefix(job)
     if posixpath.dirname(result.manifest_key) != expected_prefix:
         raise ResultRejected(f"manifest must be under {expected_prefix}/, got {result.manifest_key}")
     try:
-        raw = get_bytes(store, result.manifest_key)
+        raw = _read(store, result.manifest_key, get_bytes)
         manifest = AdapterManifest.model_validate_json(raw)
     except ObjectNotFound:
         raise ResultRejected(f"manifest {result.manifest_key} is not in the object store") from None
@@ -49,7 +85,7 @@ def _verified_manifest(store: ObjectStore, job: Job, result: TrainResult) -> tup
         raise ResultRejected(f"manifest lists no {', '.join(sorted(missing))}")
     for name, digest in manifest.files.items():
         try:
-            sha, size = sha256_of(store, f"{expected_prefix}/{name}")
+            sha, size = _read(store, f"{expected_prefix}/{name}", sha256_of)
         except ObjectNotFound:
             raise ResultRejected(f"adapter file {name} is missing") from None
         except ValueError:  # a name that is no valid object key ("..", "//")
@@ -63,13 +99,14 @@ def commit_result(session: Session, store: ObjectStore, job: Job, result: TrainR
     """Publish the adapter and mark the job succeeded, or fail it with ``storage_error``.
 
     Returns the adapter, or None when the job was failed instead. The caller commits.
-    Raises InvalidTransition when the job is not running (e.g. it is being cancelled).
+    Raises InvalidTransition when the job is not running (e.g. it is being cancelled), and
+    StorageError when the store could not be read (nothing changed; the worker retries).
     """
     if not states.can_transition(job.status, states.SUCCEEDED):
         raise InvalidTransition(job.id, job.status, states.SUCCEEDED)
     try:
         manifest, raw = _verified_manifest(store, job, result)
-    except (ResultRejected, StorageError) as exc:
+    except ResultRejected as exc:
         states.transition(session, job, states.FAILED, error_code="storage_error",
                           error_message=f"adapter rejected: {exc}", error_param="manifest_key")
         return None

@@ -4,11 +4,16 @@ Workers hold no database credentials: HttpReporter speaks only to /internal/v1/j
 with the job-scoped token. Events are buffered and flushed by a background thread every
 ``flush_interval`` seconds (progress shows within the 5 s the API promises) and retried with
 backoff; a control plane that stays down never stops the training itself.
+
+The result and a failure are what a run exists for: they are retried for ``outcome_patience_s``
+(10 minutes by default), through an API restart, a database failover or a store blip answered
+503, instead of the run exiting and the job being retrained from scratch.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Protocol
@@ -16,6 +21,8 @@ from typing import Protocol
 from workers.spec import CheckpointReport, JobEvent, TrainResult
 
 log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 15.0  # between two tries of one request, jitter and Retry-After included
 
 
 class Reporter(Protocol):
@@ -65,12 +72,12 @@ class NullReporter(MemoryReporter):
 class HttpReporter:
     def __init__(self, control_plane_url: str, job_id: str, job_token: str, *,
                  flush_interval: float = 1.0, attempts: int = 5, backoff: float = 0.5,
-                 status_interval: float = 2.0, timeout: float = 10.0):
+                 status_interval: float = 2.0, timeout: float = 10.0, outcome_patience_s: float = 600.0):
         import httpx
 
         self._client = httpx.Client(base_url=f"{control_plane_url.rstrip('/')}/internal/v1/jobs/{job_id}",
                                     headers={"Authorization": f"Bearer {job_token}"}, timeout=timeout)
-        self._attempts, self._backoff = attempts, backoff
+        self._attempts, self._backoff, self._patience = attempts, backoff, outcome_patience_s
         self._status_interval, self._last_status, self._stopping = status_interval, 0.0, False
         self._buffer: list[dict] = []
         self._lock = threading.Lock()
@@ -78,24 +85,39 @@ class HttpReporter:
         self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,), daemon=True)
         self._flusher.start()
 
-    def _request(self, method: str, path: str, json: dict | None = None):
-        """Retries connection errors and 5xx/429 with exponential backoff; returns the response
-        (a 4xx is the control plane's answer, not a transient failure)."""
+    def _request(self, method: str, path: str, json: dict | None = None, *,
+                 for_s: float | None = None):
+        """Sends until the control plane answers: ``attempts`` tries, or as many as fit in
+        ``for_s`` seconds when given. Connection errors, 5xx and 429 are retried after a jittered,
+        doubling backoff (a Retry-After header wins); any other status is the control plane's
+        answer and is returned. Raises ConnectionError when out of tries or time."""
         import httpx
 
-        delay, last = self._backoff, None
-        for attempt in range(self._attempts):
+        deadline = None if for_s is None else time.monotonic() + for_s
+        delay, tries = self._backoff, 0
+        while True:
+            tries += 1
+            retry_after = None
             try:
                 resp = self._client.request(method, path, json=json)
                 if resp.status_code < 500 and resp.status_code != 429:
                     return resp
-                last = RuntimeError(f"{method} {path}: HTTP {resp.status_code}")
-            except httpx.HTTPError as exc:
-                last = exc
-            if attempt + 1 < self._attempts:
-                time.sleep(delay)
-                delay *= 2
-        raise ConnectionError(f"control plane unreachable: {last}")
+                last, retry_after = f"HTTP {resp.status_code}", _retry_after(resp)
+            except httpx.HTTPError as exc:  # its text names the URL, never our headers (the token)
+                last = f"{type(exc).__name__}: {exc}"
+            wait = min(retry_after if retry_after is not None else random.uniform(delay / 2, delay),
+                       MAX_BACKOFF_S)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+            if deadline is None:
+                give_up = tries >= self._attempts
+            else:
+                give_up = time.monotonic() + wait > deadline
+            if give_up:
+                raise ConnectionError(f"control plane unreachable: {method} {path}: {last} ({tries} tries)")
+            if deadline is not None:
+                log.warning("%s %s: %s; retry %d in %.1f s (giving up in %.0f s)", method, path, last,
+                            tries, wait, deadline - time.monotonic())
+            time.sleep(wait)
 
     def _flush_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):
@@ -126,14 +148,14 @@ class HttpReporter:
 
     def result(self, result: TrainResult) -> dict:
         self.flush()
-        resp = self._request("POST", "/result", result.model_dump(mode="json"))
+        resp = self._request("POST", "/result", result.model_dump(mode="json"), for_s=self._patience)
         resp.raise_for_status()
         return resp.json()
 
     def failure(self, code: str, message: str, param: str | None = None) -> None:
         self.flush()
         body = {"code": code, "message": message} | ({"param": param} if param else {})
-        self._request("POST", "/failure", body)
+        self._request("POST", "/failure", body, for_s=self._patience)
 
     def should_stop(self) -> bool:
         """Polls the job status at most every ``status_interval`` seconds."""
@@ -152,3 +174,11 @@ class HttpReporter:
         self._flusher.join(timeout=5)
         self.flush()
         self._client.close()
+
+
+def _retry_after(resp) -> float | None:
+    """Retry-After in seconds (the delta-seconds form our API sends), or None."""
+    try:
+        return max(0.0, float(resp.headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return None

@@ -17,19 +17,24 @@ class Plane(BaseHTTPRequestHandler):
     log: list[tuple[str, str, dict | None, float]] = []
     status = "running"
     fail_next = 0  # answer this many POSTs with 503 first
+    fail_until = 0.0  # answer POSTs with 503 until this monotonic time
+    retry_after: str | None = None  # sent with each 503
 
-    def _answer(self, code: int, body: dict | None = None):
+    def _answer(self, code: int, body: dict | None = None, headers: dict | None = None):
         data = json.dumps(body).encode() if body is not None else b""
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if Plane.fail_next:
-            Plane.fail_next -= 1
-            return self._answer(503)
+        if Plane.fail_next or time.monotonic() < Plane.fail_until:
+            Plane.fail_next = max(0, Plane.fail_next - 1)
+            Plane.log.append((self.path, "503", None, time.monotonic()))
+            return self._answer(503, headers={"Retry-After": Plane.retry_after} if Plane.retry_after else None)
         Plane.log.append((self.path, self.headers["Authorization"], body, time.monotonic()))
         self._answer(200 if self.path.endswith("/result") else 204, {"adapter_id": "ft-a"} if self.path.endswith("/result") else None)
 
@@ -43,7 +48,7 @@ class Plane(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def plane():
-    Plane.log, Plane.status, Plane.fail_next = [], "running", 0
+    Plane.log, Plane.status, Plane.fail_next, Plane.fail_until, Plane.retry_after = [], "running", 0, 0.0, None
     server = ThreadingHTTPServer(("127.0.0.1", 0), Plane)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -70,7 +75,7 @@ def test_posts_retry_5xx_and_status_poll_notices_cancelling(plane):
     assert reporter.result(TrainResult(manifest_key="k/manifest.json", metrics={"eval_loss": 1.0})) == {"adapter_id": "ft-a"}
     reporter.checkpoint(CheckpointReport(step=4, key_prefix="k/step-000004"))
     reporter.failure("training_diverged", "loss became nan", "learning_rate")
-    posted = [(p.rsplit("/", 1)[1], b) for p, _, b, _ in Plane.log if b is not None]
+    posted = [(p.rsplit("/", 1)[1], b) for p, auth, b, _ in Plane.log if auth != "503" and b is not None]
     assert posted[0] == ("result", {"manifest_key": "k/manifest.json", "metrics": {"eval_loss": 1.0}})
     assert posted[1][0] == "checkpoints" and posted[1][1]["step"] == 4
     assert posted[2] == ("failure", {"code": "training_diverged", "message": "loss became nan", "param": "learning_rate"})
@@ -80,9 +85,41 @@ def test_posts_retry_5xx_and_status_poll_notices_cancelling(plane):
     reporter.close()
 
 
-def test_unreachable_control_plane_raises_after_retries():
+def test_unreachable_control_plane_never_stops_training():
     reporter = HttpReporter("http://127.0.0.1:9", "ftjob-3", "t", flush_interval=60, attempts=2, backoff=0.01)
-    with pytest.raises(ConnectionError):
-        reporter.failure("internal_error", "x")
+    started = time.monotonic()
+    reporter.checkpoint(CheckpointReport(step=4, key_prefix="k/step-000004"))  # in the store either way
+    reporter.event(JobEvent(message="step 1", type="metrics", data={"step": 1}))
+    reporter.flush()  # kept for the next flush
+    assert time.monotonic() - started < 2  # progress gives up after `attempts` quick tries
     assert reporter.should_stop() is False  # a failing poll never stops training
+    reporter.close()
+
+
+def test_result_outlasts_a_long_outage_and_honours_retry_after(plane, caplog):
+    """Far past the 5 quick tries: the result is retried for ``outcome_patience_s``, each wait the
+    server's Retry-After, each retry logged without the token."""
+    reporter = HttpReporter(plane, "ftjob-4", "sekrit-token", flush_interval=60, attempts=2,
+                            backoff=0.05, outcome_patience_s=30)
+    Plane.fail_until, Plane.retry_after = time.monotonic() + 3.0, "1"
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="workers.train.report"):
+        assert reporter.result(TrainResult(manifest_key="k/manifest.json")) == {"adapter_id": "ft-a"}
+    tries = [at for path, auth, _, at in Plane.log if path.endswith("/result")]
+    assert time.monotonic() - started >= 3.0 and len(tries) >= 3
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert min(gaps) >= 0.9, gaps  # Retry-After: 1, not the 0.05 s backoff
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == len(tries) - 1 and "HTTP 503" in retries[0]
+    assert not any("sekrit" in r.getMessage() for r in caplog.records)
+    reporter.close()
+
+
+def test_failure_report_gives_up_after_its_patience():
+    reporter = HttpReporter("http://127.0.0.1:9", "ftjob-5", "t", flush_interval=60, attempts=1,
+                            backoff=0.2, outcome_patience_s=2)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="tries"):
+        reporter.failure("internal_error", "x")
+    assert 1.0 <= time.monotonic() - started <= 2.5  # kept trying past `attempts`, within the bound
     reporter.close()
