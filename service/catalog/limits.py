@@ -115,8 +115,8 @@ def _regex_problem(pattern: str, facts: ModelFacts) -> str | None:
                 wrong.append(name)
     except TimeoutError:
         return "the target_modules regex takes too long to match module names; simplify it"
-    except regex.error:
-        return "target_modules is not a valid regex"
+    except Exception:  # noqa: BLE001 - regex.error, or anything else the engine throws: a 422
+        return "target_modules is not a regex this platform can use"
     if wrong:
         return (f"the target_modules regex matches modules serving cannot apply LoRA to: "
                 f"{', '.join(wrong[:5])}")
