@@ -133,6 +133,32 @@ def test_streaming_is_passed_through_as_sse(proxy, tenant):
     assert words == ["ahoy", "matey"]
 
 
+async def _serving_that_dies_mid_stream(scope, receive, send):
+    """Sends the first event, then its connection drops (as when a serving pod is killed)."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "more_body": True,
+                "body": b'data: {"choices": [{"delta": {"content": "ahoy"}}]}\n\n'})
+    raise RuntimeError("replica lost")
+
+
+def test_a_stream_serving_breaks_off_ends_with_an_error_event_and_frees_the_slot(api_settings, tenant):
+    url, server, thread = _serve_in_thread(_serving_that_dies_mid_stream, lifespan="off")
+    try:
+        with TestClient(create_app(api_settings.model_copy(update={"serve_url": url}))) as c:
+            with c.stream("POST", "/v1/completions", headers=tenant.headers, json={
+                    "model": "lorafleet/tiny-llama", "stream": True, "prompt": "x"}) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert not c.app.state.inference_limits.open.get(tenant.id)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == "ahoy"
+    error = json.loads(lines[-1][6:])["error"]
+    assert error["code"] == "serving_unavailable" and "replica lost" not in error["message"]
+
+
 def test_unknown_or_foreign_models_are_404_never_the_base(proxy, tenant, other_tenant):
     theirs = _adapter_of(proxy, proxy.app, other_tenant)
     for model in (theirs, "ft-tiny-llama-lora-00000000", "gpt-4"):

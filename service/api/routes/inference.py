@@ -98,10 +98,20 @@ def _routing(session: Session, *, tenant_id: str, model: str) -> dict[str, Any]:
             "base_model": {"id": base.id, "uri": base.source_uri}}
 
 
-async def _relay(upstream: httpx.Response, lease: Lease) -> AsyncIterator[bytes]:
+# Serving broke off a stream: the status is long sent, so the error goes in the stream, as the
+# serving app itself reports a failure after the first byte.
+_BROKEN_STREAM = ("data: " + json.dumps({"error": {
+    "message": "the serving application stopped answering; retry", "type": "server_error",
+    "code": "serving_unavailable", "param": None}}) + "\n\n").encode()
+
+
+async def _relay(upstream: httpx.Response, lease: Lease, request_id: str) -> AsyncIterator[bytes]:
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
+    except httpx.HTTPError as exc:
+        log.warning("serving broke off a stream (request %s): %r", request_id, exc)
+        yield _BROKEN_STREAM
     finally:  # the stream ended or the client left: free the connection and the tenant's slot
         await upstream.aclose()
         lease.release()
@@ -152,7 +162,7 @@ async def _forward(request: Request, db: ReadDatabase, path: str, tenant_id: str
         return _unavailable(request, "serving_unavailable", "the serving application is unavailable")
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
     if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-        return StreamingResponse(_relay(upstream, lease), status_code=upstream.status_code,
+        return StreamingResponse(_relay(upstream, lease, rid), status_code=upstream.status_code,
                                  headers=headers, background=BackgroundTask(_close, upstream, lease))
     try:
         content = await upstream.aread()
