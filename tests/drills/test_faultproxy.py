@@ -1,0 +1,77 @@
+"""The fault proxy itself, and what a cut does to our engine and the scheduler's leader lock
+(fast: no stack, no Ray; the drills in test_drills.py build on both)."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from faultproxy import FaultProxy  # noqa: E402
+
+from service.db.session import make_engine  # noqa: E402
+from service.scheduler import LeaderLock  # noqa: E402
+
+pytestmark = pytest.mark.postgres
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:{port}/test"
+
+
+@pytest.fixture
+def pg_proxy():
+    proxy = FaultProxy(5432)
+    yield proxy
+    proxy.close()
+
+
+def _one(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("select 1")).scalar()
+
+
+def test_cut_refuses_and_resets_then_restore_recovers(pg_proxy):
+    engine = make_engine(PG.format(port=pg_proxy.port), connect_timeout_s=2)
+    held = engine.connect()
+    assert held.execute(sa.text("select 1")).scalar() == 1
+    pg_proxy.cut()
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):  # the open connection was reset
+        held.execute(sa.text("select 2"))
+    with pytest.raises(sa.exc.OperationalError):  # and new ones are refused
+        _one(engine)
+    assert time.monotonic() - started < 3, "a cut fails fast, it does not hang"
+    held.close()
+    pg_proxy.restore()
+    assert _one(engine) == 1  # pool_pre_ping replaced the dead pooled connection
+    engine.dispose()
+
+
+def test_leader_loses_its_lock_within_seconds_when_its_connection_dies(pg_proxy):
+    """The advisory lock lives on the leader's connection: once that dies, another scheduler
+    takes over within seconds, and the old leader knows it no longer leads."""
+    key_engine = make_engine(PG.format(port=pg_proxy.port), connect_timeout_s=2)
+    direct = make_engine(PG.format(port=5432))
+    leader = LeaderLock(key_engine)
+    rival = LeaderLock(direct)
+    try:
+        assert leader.acquire()
+        assert not rival.acquire()
+        pg_proxy.cut()
+        started = time.monotonic()
+        while not rival.acquire():
+            assert time.monotonic() - started < 10, "the dead leader's lock outlived its connection"
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        pg_proxy.restore()
+        assert leader.acquire() is False  # it noticed, let go, and the rival holds the lock now
+        print(f"\nleader lock handed over {took:.2f} s after the cut")
+    finally:
+        rival.release()
+        key_engine.dispose()
+        direct.dispose()
