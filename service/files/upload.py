@@ -65,6 +65,10 @@ async def parse_upload(headers: Headers, stream: AsyncIterator[bytes], limit: in
         form = await MultiPartParser(headers, _limited(stream, limit), max_files=1, max_fields=4).parse()
     except MultiPartException as exc:
         raise BadRequest(f"malformed multipart body: {exc.message}", param="file") from None
+    unknown = sorted(set(form.keys()) - {"file", "purpose"})
+    if unknown:  # as for JSON bodies: an unknown field is refused, not ignored
+        await form.close()
+        raise ValidationFailed(f"unknown field {unknown[0]!r}: send only 'file' and 'purpose'", param=unknown[0])
     upload, purpose = form.get("file"), form.get("purpose")
     if not isinstance(upload, UploadFile):
         raise ValidationFailed("field 'file' (a file part) is required", param="file")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import httpx
 import sqlalchemy as sa
 from api_helpers import ADMIN, CHAT_LINE, assert_problem, create_job, new_tenant, upload, uploaded_file
+from fastapi.testclient import TestClient
 
-from service.api.idempotency import IN_FLIGHT, IN_FLIGHT_TIMEOUT_S
+from service.api.idempotency import IN_FLIGHT, IN_FLIGHT_TIMEOUT_S, purge_expired
 from service.db.models import IdempotencyKey, Tenant
 from service.ids import now
+from service.main import create_app
 
 
 def test_same_key_same_body_replays_the_first_response(client, tenant):
@@ -143,3 +146,88 @@ def test_quota_429_is_not_replayed_as_a_stored_answer(client):
                      json={"model": "lorafleet/tiny-llama", "training_file": file_id})
     assert r2.status_code == 201  # the retry really retried
     assert create_job(client, t, file_id).status_code == 429
+
+
+# --- expiry, purge, inference, long uploads (issue 10) --------------------------------------
+
+def _stored(app, scope: str, key: str) -> IdempotencyKey | None:
+    with app.state.session_factory() as session:
+        return session.get(IdempotencyKey, (scope, key))
+
+
+def test_an_expired_record_no_longer_answers(client, app, tenant, api_settings):
+    file_id = uploaded_file(client, tenant)
+    key = {"Idempotency-Key": "old-1", **tenant.headers}
+    body = {"model": "lorafleet/tiny-llama", "training_file": file_id}
+    first = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
+    with app.state.session_factory() as session:  # a day and a second later
+        session.get(IdempotencyKey, (tenant.id, "old-1")).created_at = now() - api_settings.idempotency_ttl_s - 1
+        session.commit()
+    again = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
+    assert first.status_code == again.status_code == 201 and "idempotent-replayed" not in again.headers
+    assert first.json()["id"] != again.json()["id"]  # it ran again: the old answer was forgotten
+    assert _stored(app, tenant.id, "old-1").created_at >= now() - 60
+
+
+def test_expired_records_are_purged_in_batches(client, app, tenant):
+    with app.state.session_factory() as session:
+        for i in range(25):
+            session.add(IdempotencyKey(scope=tenant.id, key=f"purge-{i}", request_hash="h", status_code=201,
+                                       content_type="application/json", body="{}",
+                                       created_at=now() - 100 if i < 23 else now()))
+        session.commit()
+    assert purge_expired(app.state.session_factory, ttl_s=50, batch=10) >= 23
+    with app.state.session_factory() as session:
+        left = session.scalars(sa.select(IdempotencyKey.key).where(
+            IdempotencyKey.scope == tenant.id, IdempotencyKey.key.like("purge-%"))).all()
+    assert sorted(left) == ["purge-23", "purge-24"]
+
+
+def test_the_app_purges_in_the_background(api_settings, tmp_path):
+    settings = api_settings.model_copy(update={"idempotency_ttl_s": 60, "idempotency_purge_interval_s": 0.2})
+    app = create_app(settings)
+    with app.state.session_factory() as session:
+        session.add(IdempotencyKey(scope="bg", key=f"bg-{uuid.uuid4().hex}", request_hash="h", status_code=201,
+                                   content_type=None, body="", created_at=now() - 3600))
+        session.commit()
+    with TestClient(app):  # the lifespan runs the purge task
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with app.state.session_factory() as session:
+                if not session.scalars(sa.select(IdempotencyKey).where(IdempotencyKey.scope == "bg")).all():
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the background purge did not delete the expired record")
+
+
+def test_inference_calls_are_not_recorded(api_settings, serve_url, tenant):
+    app = create_app(api_settings.model_copy(update={"serve_url": serve_url}))
+    with TestClient(app) as c:
+        headers = {**tenant.headers, "Idempotency-Key": "chat-1"}
+        body = {"model": "lorafleet/tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            payload = body if "chat" in path else {"model": "lorafleet/tiny-llama", "prompt": "hi"}
+            first, again = (c.post(path, headers=headers, json=payload) for _ in range(2))
+            assert first.status_code == again.status_code == 200, first.text
+            assert "idempotent-replayed" not in again.headers  # it ran again
+        assert _stored(app, tenant.id, "chat-1") is None
+
+
+def test_a_long_upload_is_replayed_without_being_held_twice(api_settings, tenant):
+    """Past max_body_bytes an upload is not read ahead: the key is reserved when its last byte
+    arrives. Replay, reuse with another body and the in-memory bound all still hold."""
+    app = create_app(api_settings.model_copy(update={"max_body_bytes": 4096}))
+    data = CHAT_LINE * 200  # ~18 KB, over max_body_bytes, under the upload limit
+    with TestClient(app) as c:
+        key = {"Idempotency-Key": "long-1"}
+        first, again = upload(c, tenant, data, headers=key), upload(c, tenant, data, headers=key)
+        assert first.status_code == again.status_code == 201, first.text
+        assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert_problem(upload(c, tenant, data + CHAT_LINE, headers=key), 422, "idempotency_key_reused")
+        files = c.get("/v1/files", headers=tenant.headers).json()["data"]
+        assert [f["id"] for f in files].count(first.json()["id"]) == 1
+        # a non-upload body over max_body_bytes is refused outright, key or not
+        r = c.post("/v1/fine_tuning/jobs", headers={**tenant.headers, **key},
+                   json={"model": "x" * 5000, "training_file": "f"})
+        assert_problem(r, 413, "payload_too_large")

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import psutil
@@ -26,6 +27,8 @@ from fastapi.testclient import TestClient
 
 from service.api.auth import PrincipalCache
 from service.api.schemas.inference import CompletionRequest
+from service.db.pages import parse_int_cursor
+from service.errors import ValidationFailed
 from service.main import create_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,7 +188,9 @@ def test_a_body_over_the_global_limit_is_413(client, tenant, api_settings):
 def test_a_malformed_event_cursor_is_422(client, tenant, after):
     job_id = create_job(client, tenant, uploaded_file(client, tenant)).json()["id"]
     r = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?after={after}", headers=tenant.headers)
-    assert_problem(r, 422, "invalid_cursor", "after")
+    assert_problem(r, 422, "validation_error", "after")  # the documented pattern refuses it
+    with pytest.raises(ValidationFailed):  # and the parser behind it, for any other caller
+        parse_int_cursor(unquote(after), prefix="ftevent-")
 
 
 @pytest.mark.parametrize("value", [True, 437046.0, "5", 1.5])

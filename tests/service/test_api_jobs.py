@@ -146,4 +146,4 @@ def test_events_page_both_orders(client, tenant):
     assert seen == ["validating_files", "queued", "cancelled"] and asc["has_more"]
     desc = client.get(url, headers=tenant.headers).json()
     assert [e["data"]["to"] for e in desc["data"]] == seen[::-1]
-    assert_problem(client.get(url + "?after=garbage", headers=tenant.headers), 422, "invalid_cursor", "after")
+    assert_problem(client.get(url + "?after=garbage", headers=tenant.headers), 422, "validation_error", "after")

@@ -26,7 +26,7 @@ _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["file", "purpose"],
+            "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
             "properties": {"file": {"type": "string", "format": "binary"},
                            "purpose": {"type": "string", "enum": ["fine-tune"]}},
         }}},

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from service.api.deps import CurrentTenant, ReadDB, SessionDep, SettingsDep
-from service.api.schemas.common import After, Limit, ListPage, json_response, to_page
+from service.api.schemas.common import After, EventCursor, Limit, ListPage, json_response, to_page
 from service.api.schemas.jobs import CheckpointPublic, EventPublic, JobCreate, JobPublic
 from service.jobs import repository as jobs
 from service.jobs.states import JOB_STATUSES
@@ -54,7 +54,7 @@ def cancel(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic
 
 
 @router.get("/{job_id}/events")
-async def list_events(job_id: str, tenant: CurrentTenant, db: ReadDB, limit: Limit = 20, after: After = None,
+async def list_events(job_id: str, tenant: CurrentTenant, db: ReadDB, limit: Limit = 20, after: EventCursor = None,
                       order: Literal["asc", "desc"] = "desc") -> ListPage[EventPublic]:
     page = await db.run(jobs.list_events_for_tenant, tenant_id=tenant.tenant_id, job_id=job_id,
                         after=after, limit=limit, oldest_first=order == "asc")

@@ -20,6 +20,9 @@ StrictNumber = StrictFloat | StrictInt
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size (1-100)")]
 After = Annotated[str | None, Query(max_length=200, description="Cursor: the last id of the previous page")]
+# Event ids are numbers: ASCII digits only (str.isdigit() would let '¹' through to int()).
+EventCursor = Annotated[str | None, Query(pattern=r"^(ftevent-)?[0-9]{1,18}$",
+                                          description="Cursor: the last event id of the previous page")]
 
 
 def _has_nul(value: Any) -> bool:
