@@ -80,10 +80,10 @@ class LoraReplica:
     async def stats(self) -> dict:
         return await self.front.stats()
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and Ray
         replaces it (engine loop dead, steps failing, device unusable)."""
-        self.front.check_health()
+        await self.front.health()
 
     def __del__(self):
         front = getattr(self, "front", None)

@@ -7,6 +7,7 @@ replica, whose results cross process boundaries as data, not exceptions.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -117,6 +118,10 @@ class ServingFront:
     def check_health(self) -> None:
         """Raises when this replica cannot serve (``EngineRunner.check_health``)."""
         self.runner.check_health()
+
+    async def health(self) -> None:
+        """``check_health`` off the event loop: on a GPU its probe waits for queued kernels."""
+        await asyncio.to_thread(self.runner.check_health)
 
     async def run(self, kind: Kind, body: dict) -> AsyncIterator[dict]:
         """Yields ``{"problem": …}`` once, or ``{"response": …}``, or ``{"chunk": …}`` per SSE event."""

@@ -217,8 +217,12 @@ def test_check_health_fails_when_the_loop_dies_or_the_device_is_unusable(tiny, m
     from workers.serve.app import LoraReplica
 
     runner = EngineRunner(Engine(tiny.base_model(), max_batch=2, max_len=32, adapter_slots=1))
-    replica = types.SimpleNamespace(front=types.SimpleNamespace(check_health=runner.check_health))
-    check = LoraReplica.func_or_class.check_health  # the method Ray Serve calls
+    front = ServingFront(runner, None, tiny.tokenizer, base_model_id=BASE_ID)
+    replica = types.SimpleNamespace(front=front)
+
+    def check(replica):  # the method Ray Serve calls, as it calls it
+        asyncio.run(LoraReplica.func_or_class.check_health(replica))
+
     try:
         check(replica)  # alive and well
         monkeypatch.setattr(runner.engine, "device", torch.device("meta"))  # .item() cannot work
