@@ -137,27 +137,28 @@ def _cluster_cpus(url: str, token: str | None) -> float:
         return 0.0
 
 
-# Run as `sh -c _PRIVATE_FS sh HOME KEEP CMD...` in a new mount namespace: empty tmpfs over
-# HOME and /tmp, except HOME/KEEP (the Python install, when it lives under HOME) bound back.
+# Run as `sh -c _PRIVATE_FS sh HOME [KEEP...] -- CMD...` in a new mount namespace: empty tmpfs
+# over HOME and /tmp, except the folders HOME/KEEP (the Python install, when under HOME) bound back.
 _PRIVATE_FS = """set -e
-home=$1 keep=$2; shift 2
+home=$1; shift
 old=$(mktemp -d /tmp/lf-home-XXXXXX)
 mount --bind "$home" "$old"
 mount -t tmpfs lf-home "$home"
-if [ -n "$keep" ]; then mkdir -p "$home/$keep"; mount --bind "$old/$keep" "$home/$keep"; fi
+while [ "$1" != "--" ]; do
+  mkdir -p "$home/$1"; mount --bind "$old/$1" "$home/$1"; shift
+done
+shift
 umount -l "$old"; rmdir "$old"
 mount -t tmpfs lf-tmp /tmp
 exec "$@"
 """
 
 
-def _home_relative_interpreter() -> str:
-    """The top folder under HOME holding this interpreter's install (pyenv's), or ''."""
+def _home_folders_of_python() -> list[str]:
+    """The top folders under HOME that hold this interpreter (pyenv's install, a venv)."""
     home = Path.home().resolve()
-    for prefix in (Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()):
-        if prefix.is_relative_to(home):
-            return prefix.relative_to(home).parts[0]
-    return ""
+    prefixes = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.executable).resolve()}
+    return sorted({p.relative_to(home).parts[0] for p in prefixes if p.is_relative_to(home) and p != home})
 
 
 def join_local_ray(head: dict, *, num_cpus: int, resources: dict[str, float] | None = None,
@@ -185,7 +186,7 @@ def join_local_ray(head: dict, *, num_cpus: int, resources: dict[str, float] | N
         node.pop("RAY_AUTH_TOKEN_PATH")
         node["RAY_AUTH_TOKEN"] = token
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_FS, "sh",
-               str(Path.home()), _home_relative_interpreter(), *ray_cmd]
+               str(Path.home()), *_home_folders_of_python(), "--", *ray_cmd]
     else:
         cmd = ray_cmd
     proc = subprocess.run(cmd, env=node, capture_output=True, text=True, timeout=timeout)
