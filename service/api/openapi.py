@@ -24,9 +24,11 @@ _DESCRIPTIONS = {
     404: "No such resource (or another tenant's)", 408: "The request body stalled",
     409: "Conflict with the resource's state, or the Idempotency-Key is in use",
     413: "Request body too large", 422: "Invalid input", 429: "Rate limited (see Retry-After)",
+    500: "The serving application failed on this request (adapter_load_failed, generation_failed)",
     503: "A dependency (database, object store, serving) is unavailable; retry (see Retry-After)",
 }
 _BODY_METHODS = {"post", "put", "patch"}
+PROXIED = {"/v1/chat/completions", "/v1/completions"}
 
 
 def _statuses(path: str, method: str, operation: dict[str, Any]) -> set[int]:
@@ -43,6 +45,8 @@ def _statuses(path: str, method: str, operation: dict[str, Any]) -> set[int]:
         statuses.add(409)
     if path.startswith("/v1/"):  # the auth gate: key or admin token, failed-auth limit
         statuses |= {401, 403, 429}
+    if path in PROXIED:  # serving's own per-request failures are passed on
+        statuses.add(500)
     elif path.startswith("/internal/"):  # job tokens; a run that is over is a 409
         statuses |= {401, 409}
     return statuses
