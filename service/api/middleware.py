@@ -103,7 +103,7 @@ class AuthGate:
         token = bearer(Headers(scope=scope).get("authorization"))
         address = client_address(scope)
         try:
-            if path.startswith("/v1/admin/"):
+            if path == "/v1/admin" or path.startswith("/v1/admin/"):
                 self._check_admin(token, address)
             else:
                 scope.setdefault("state", {})["principal"] = await authenticate_tenant(

@@ -130,6 +130,7 @@ def test_a_50mb_body_costs_the_server_under_50mb(server, case):
     assert reply.startswith(expected), reply[:300]
     assert b"application/problem+json" in reply
     grown = _peak_rss(process) - before
+    print(f"{case}: {reply[:12].decode()}, server peak RSS grew {grown / MB:.1f} MiB")
     assert grown < 50 * MB, f"the server's peak RSS grew by {grown / MB:.1f} MiB"
     assert httpx.get(url + "/healthz").status_code == 200
 
