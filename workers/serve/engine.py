@@ -212,6 +212,11 @@ class Engine:
             failure = _engine_failed()
             failure.__cause__ = exc
             self._fail(req, failure)
+        try:  # the failed rows may hold inf/NaN (see RowKVCache.clear); a dead device raises here
+            for row in range(len(running)):
+                self.kv.clear(row)
+        except Exception:
+            log.exception("clearing the KV rows after a failed step failed")
 
     def _fail(self, req: Request, failure: RequestFailed) -> None:
         req.error, req.finish_reason = failure, "error"
@@ -375,6 +380,8 @@ class Engine:
             return
         for i in done:
             req = self._running[i]
+            if req.finish_reason == "error":
+                self.kv.clear(i)  # before a mover or a newcomer takes the row (RowKVCache.clear)
             if req.adapter is not None:
                 self.slots.release(req.adapter.key)
             if req.finish_reason == "abort":

@@ -44,6 +44,13 @@ class RowKVCache:
         v[arange, :, positions] = value[:, :, 0]
         return k[:rows, :, :span], v[:rows, :, :span]
 
+    def clear(self, row: int) -> None:
+        """Zero a row. A request that failed may have left inf/NaN in it; whoever gets the row
+        next attends over its stale tail with a mask, and a masked weight of 0 times NaN is NaN."""
+        for k, v in zip(self.k, self.v):
+            k[row].zero_()
+            v[row].zero_()
+
     def move(self, src: int, dst: int, length: int) -> None:
         for k, v in zip(self.k, self.v):
             k[dst, :, :length] = k[src, :, :length]

@@ -61,6 +61,27 @@ def test_one_poisoned_adapter_and_inf_sampling_fail_alone(tiny, prompts):
     assert engine.slots._resident[bad.key].refs == 0  # both rows gave the slot back
 
 
+def test_a_row_left_by_a_poisoned_request_is_clean_for_the_next(tiny, prompts):
+    """The failed row's KV may hold NaN; a newcomer in that row attends over its stale tail
+    (masked, but 0 x NaN is NaN) while a longer row keeps the span wide."""
+    clean = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=2)
+    short, long_prompt = prompts([4, 30], seed=25)
+    long_params = SamplingParams(max_tokens=20, temperature=0)
+    expected_short = clean.generate_batch([short], GREEDY, [tiny.adapter("ad8")])[0].output_ids
+    expected_long = clean.generate_batch([long_prompt], long_params)[0].output_ids
+
+    engine = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=2)
+    running = engine.submit(long_prompt, long_params)
+    bad = engine.submit(prompts([45], seed=26)[0], GREEDY, poisoned(tiny.adapter("ad16")))
+    engine.step()
+    assert bad.finish_reason == "error"
+    newcomer = engine.submit(short, GREEDY, tiny.adapter("ad8"))  # takes the poisoned row
+    while engine.has_work():
+        engine.step()
+    assert newcomer.finish_reason == "length" and newcomer.output_ids == expected_short
+    assert running.output_ids == expected_long
+
+
 def test_through_the_front_the_poisoned_request_gets_a_problem_and_others_answers(tiny, prompts, local_store):
     engine = Engine(tiny.base_model(), tiny.tokenizer, max_batch=8, max_len=64, adapter_slots=4,
                     eos_token_id=[])
