@@ -205,18 +205,18 @@ class Engine:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         running, self._running, self._composition = self._running, [], None
-        for req in running:
-            if req.adapter is not None:
-                self.slots.release(req.adapter.key)
-        for req in running + waiting:
+        for req in running + waiting:  # first: every caller gets its answer, whatever follows
             failure = _engine_failed()
             failure.__cause__ = exc
             self._fail(req, failure)
-        try:  # the failed rows may hold inf/NaN (see RowKVCache.clear); a dead device raises here
-            for row in range(len(running)):
+        try:
+            for req in running:
+                if req.adapter is not None:
+                    self.slots.release(req.adapter.key)
+            for row in range(len(running)):  # the rows may hold inf/NaN (RowKVCache.clear)
                 self.kv.clear(row)
-        except Exception:
-            log.exception("clearing the KV rows after a failed step failed")
+        except Exception:  # a dead device raises here
+            log.exception("cleaning up after a failed step failed")
 
     def _fail(self, req: Request, failure: RequestFailed) -> None:
         req.error, req.finish_reason = failure, "error"
