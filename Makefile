@@ -34,11 +34,13 @@ bench-quick: install
 	$(BIN)/python bench/api_load.py --quick
 	$(BIN)/python bench/train_throughput.py --quick
 	$(BIN)/python bench/serve_throughput.py --quick
+	$(BIN)/python bench/scheduler_scale.py --quick
 
 bench: install
 	$(BIN)/python bench/api_load.py --json bench/results/api_load.json
 	$(BIN)/python bench/train_throughput.py --json bench/results/train_throughput.json
 	$(BIN)/python bench/serve_throughput.py --json bench/results/serve_throughput.json
+	$(BIN)/python bench/scheduler_scale.py --json bench/results/scheduler_scale.json
 
 clean:
 	rm -rf .lorafleet .pytest_cache

@@ -23,7 +23,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from sqlalchemy import Engine, func, or_, select, text, true
 from sqlalchemy.orm import Session, sessionmaker
@@ -127,7 +127,8 @@ class Launcher(Protocol):
 
 # Queued jobs read per tenant per tick: bounds one tick's reads at this many × tenants, however
 # long the queues; a tenant that could start more this tick gets them on the next.
-HEADS_PER_TENANT = 4
+MAX_HEADS_PER_TENANT = 8
+HEADS_ROW_BUDGET = 1000
 # How often queued jobs are checked against max_queue_wait_s (a scan of the whole queue).
 EXPIRY_INTERVAL_S = 60.0
 
@@ -155,13 +156,26 @@ class Scheduler:
             self._usage = None
             return False
         now = self.clock()
-        self._cancel()
-        self._reconcile(now)
+        active = self._active()
+        # One read of the runs in flight serves the whole pass unless a step below moved one.
+        if self._cancel(active) | self._reconcile(active, now):
+            active = self._active()
         if now >= self._next_expiry:
             self._expire_queued(now)
             self._next_expiry = now + EXPIRY_INTERVAL_S
-        self._dispatch(now)
+        self._dispatch(active, now)
         return True
+
+    def _active(self) -> list[_Active]:
+        r = Job.resources  # its numbers read by the database: no JSON parsing here per run per tick
+        with session_scope(self.sessions) as s:
+            rows = s.execute(select(Job.id, Job.tenant_id, Job.status, Job.attempts, Job.started_at,
+                                    Tenant.max_job_wall_clock_s, r["num_workers"].as_float(),
+                                    r["gpus_per_worker"].as_float(), r["cpus_per_worker"].as_float())
+                             .join(Tenant, Tenant.id == Job.tenant_id).where(Job.status.in_(states.ACTIVE)))
+            return [_Active(job_id, tenant_id, status, attempts, started_at,
+                            tenant_limit or self.settings.max_job_wall_clock_s, _need(workers, gpus, cpus))
+                    for job_id, tenant_id, status, attempts, started_at, tenant_limit, workers, gpus, cpus in rows]
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -175,11 +189,13 @@ class Scheduler:
         self.lock.release()
 
     # --- 1. cancellations
-    def _cancel(self) -> None:
-        with session_scope(self.sessions) as s:
-            jobs = s.execute(select(Job.id, Job.attempts).where(Job.status == states.CANCELLING)).all()
-        for job_id, attempts in jobs:
-            sub = submission_id(job_id, attempts)
+    def _cancel(self, active: list[_Active]) -> bool:
+        """Stop the runs of cancelling jobs; True if a job changed status."""
+        changed = False
+        for job in active:
+            if job.status != states.CANCELLING:
+                continue
+            job_id, sub = job.id, submission_id(job.id, job.attempts)
             try:
                 state = self.launcher.state(sub)
                 if not state.terminal:
@@ -192,19 +208,21 @@ class Scheduler:
                 continue
             if state.terminal:
                 self._move(job_id, states.CANCELLING, states.CANCELLED, message="Job cancelled")
+                changed = True
+        return changed
 
     # --- 2. reconcile running jobs with Ray; stop those past their wall-clock limit
-    def _reconcile(self, now: float) -> None:
-        with session_scope(self.sessions) as s:
-            jobs = s.execute(select(Job.id, Job.attempts, Job.started_at, Tenant.max_job_wall_clock_s)
-                             .join(Tenant, Tenant.id == Job.tenant_id)
-                             .where(Job.status == states.RUNNING)).all()
-        for job_id, attempts, started_at, tenant_limit in jobs:
-            sub = submission_id(job_id, attempts)
-            limit = tenant_limit or self.settings.max_job_wall_clock_s
+    def _reconcile(self, active: list[_Active], now: float) -> bool:
+        """Running jobs against Ray; True if a job may have changed status."""
+        changed = False
+        for job in active:
+            if job.status != states.RUNNING:
+                continue
+            job_id, sub, limit = job.id, submission_id(job.id, job.attempts), job.wall_clock_s
             try:
-                if limit and started_at is not None and now - started_at > limit:
+                if limit and job.started_at is not None and now - job.started_at > limit:
                     self._time_out(job_id, sub, limit)
+                    changed = True
                     continue
                 state = self.launcher.state(sub)
                 if state is RunState.UNKNOWN:
@@ -213,12 +231,15 @@ class Scheduler:
                     # id; it resumes from its last checkpoint.
                     log.info("submitting %s (unknown to Ray)", sub)
                     self._submit(job_id)
+                    changed = True
                 elif state.terminal:
                     self._run_ended_without_result(job_id, sub, state)
+                    changed = True
             except RayUnavailable:
                 raise
             except LauncherError as exc:  # this job's trouble: the others go on
                 log.warning("reconciling %s: %s", sub, exc)
+        return changed
 
     def _time_out(self, job_id: str, sub: str, limit: int) -> None:
         self.launcher.stop(sub)  # raises if Ray could not stop it: the next tick tries again
@@ -277,9 +298,10 @@ class Scheduler:
                     message="Job failed: it waited too long for compute")
 
     # --- 4. start queued jobs
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self, active: list[_Active], now: float) -> None:
+        running = [RunningJob(a.tenant_id, a.need, None if not a.wall_clock_s else (a.started_at or now) + a.wall_clock_s)
+                   for a in active]
         with session_scope(self.sessions) as s:
-            running = self._running(s, now)
             cluster = self._cluster_view(running, now)
             if cluster is None:
                 return  # a starting cluster reports no resources yet; the next tick will
@@ -287,35 +309,28 @@ class Scheduler:
             tenants, heads = self._queue(s, cluster)
             decided = plan(cluster, tenants, heads, running)
             self.last_plan = decided
-            started: list[str] = []
+            runs = []
+            # SKIP LOCKED: a second scheduler (during a leader hand-over) or an API cancel holding
+            # a row never blocks us, and never gets the same row. One query for all of them.
+            claimed = {job.id: job for job in s.scalars(
+                select(Job).where(Job.id.in_([q.id for q in decided.start]), Job.status == states.QUEUED)
+                .with_for_update(skip_locked=True))} if decided.start else {}
             for queued in decided.start:
-                # SKIP LOCKED: a second scheduler (during a leader hand-over) or an API cancel
-                # holding the row never blocks us, and never gets the same row.
-                job = s.scalars(select(Job).where(Job.id == queued.id, Job.status == states.QUEUED)
-                                .with_for_update(skip_locked=True)).one_or_none()
+                job = claimed.get(queued.id)
                 if job is None:
                     continue
                 states.transition(s, job, states.RUNNING, attempts=job.attempts + 1,
                                   message=f"Job started (run {submission_id(job.id, job.attempts + 1)})")
-                started.append(job.id)
                 # Usage is sampled once a tick: a run is charged at least one interval, so one
                 # that ends before the next tick still costs its tenant its turn.
                 self._usage[job.tenant_id] = (self._usage.get(job.tenant_id, 0.0) + share_of(queued.need, cluster)
                                               * self.settings.scheduler_interval_s)
+                if (run := self._prepare(s, job)) is not None:
+                    runs.append(run)
         # Committed as running first, then submitted: a crash in between is healed by
         # _reconcile (unknown to Ray → submitted with the same id), never a double run.
-        for job_id in started:
-            self._submit(job_id)
-
-    def _running(self, s: Session, now: float) -> list[RunningJob]:
-        rows = s.execute(select(Job.tenant_id, Job.resources, Job.started_at, Tenant.max_job_wall_clock_s)
-                         .join(Tenant, Tenant.id == Job.tenant_id).where(Job.status.in_(states.ACTIVE)))
-        out = []
-        for tenant_id, resources, started_at, tenant_limit in rows:
-            limit = tenant_limit or self.settings.max_job_wall_clock_s
-            deadline = (started_at or now) + limit if limit else None
-            out.append(RunningJob(tenant_id, demand(resources), deadline))
-        return out
+        for run in runs:
+            self._launch(*run)
 
     def _cluster_view(self, running: list[RunningJob], now: float) -> ClusterView | None:
         """What training may take now, and at most. Ray's own count of free resources covers
@@ -382,11 +397,16 @@ class Scheduler:
                 gpus=math.inf if r.max_concurrent_gpus is None else r.max_concurrent_gpus)) for r in rows}
         heads: dict[str, list[QueuedJob]] = defaultdict(list)
         never: list[tuple[str, str]] = []
-        for job_id, tenant_id, resources in _queued_heads(s, HEADS_PER_TENANT):
+        # Enough heads per tenant to fill what is free if every tenant took an equal part, and
+        # more while the tenants are few; at most HEADS_ROW_BUDGET rows when they are many.
+        n = max(1, len(rows))
+        per_tenant = min(MAX_HEADS_PER_TENANT, max(1 + math.ceil(share_of(cluster.free, cluster) / n),
+                                                   HEADS_ROW_BUDGET // n))
+        for job_id, tenant_id, workers, gpus, cpus in _queued_heads(s, per_tenant):
             tenant = limits.get(tenant_id)
             if tenant is None:
                 continue  # a disabled tenant's jobs wait
-            need = demand(resources)
+            need = _need(workers, gpus, cpus)
             if reason := limit_violation(need, tenant=tenant, settings=self.settings):
                 never.append((job_id, reason))
                 continue
@@ -407,18 +427,25 @@ class Scheduler:
             job = s.get(Job, job_id)
             if job is None or job.status != states.RUNNING:
                 return
-            try:
-                spec = build_spec(s, job, self.settings)
-            except Exception as exc:  # noqa: BLE001 - reported on the job, never raised to the loop
-                states.transition(s, job, states.FAILED, error_code="internal_error",
-                                  error_message=tenant_failure_message(
-                                      job.id, "internal_error", f"could not prepare the run: {exc!r}"))
-                return
-            sub = submission_id(job.id, job.attempts)
-            need = demand(job.resources)
+            run = self._prepare(s, job)
+        if run is not None:
+            self._launch(*run)
+
+    def _prepare(self, s: Session, job: Job) -> tuple[str, str, dict[str, str], Capacity] | None:
+        """A running job's Ray submission (job id, submission id, env, need); None if it failed."""
+        try:
+            spec = build_spec(s, job, self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported on the job, never raised to the loop
+            states.transition(s, job, states.FAILED, error_code="internal_error",
+                              error_message=tenant_failure_message(
+                                  job.id, "internal_error", f"could not prepare the run: {exc!r}"))
+            return None
         st = self.settings
         # No credentials in the Ray Job: the Ray pods hold the object store's (see job_env).
         env = job_env(spec.model_dump_json(), threads=st.train_threads, s3_endpoint_url=st.s3_endpoint_url)
+        return job.id, submission_id(job.id, job.attempts), env, demand(job.resources)
+
+    def _launch(self, job_id: str, sub: str, env: dict[str, str], need: Capacity) -> None:
         # The driver reserves nothing: the Train workers it starts hold the job's resources.
         try:
             self.launcher.submit(sub, env=env)
@@ -458,27 +485,49 @@ class Scheduler:
                     pass
 
 
+class _Active(NamedTuple):
+    """A job in flight (running or cancelling), as one tick sees it."""
+
+    id: str
+    tenant_id: str
+    status: str
+    attempts: int
+    started_at: int | None
+    wall_clock_s: int | None  # its tenant's limit, else the service's
+    need: Capacity
+
+
+def _need(workers: float | None, gpus: float | None, cpus: float | None) -> Capacity:
+    """A job's demand from its resources' numbers (None: Resources' default)."""
+    w = 1 if workers is None else workers
+    return Capacity(cpus=w * (1 if cpus is None else cpus), gpus=w * (gpus or 0))
+
+
 def _floor(c: Capacity) -> Capacity:
     return Capacity(cpus=max(0.0, c.cpus), gpus=max(0.0, c.gpus))
 
 
 def _queued_heads(s: Session, per_tenant: int):
-    """(id, tenant_id, resources) of each tenant's oldest queued jobs, ``per_tenant`` at most.
+    """(id, tenant_id, num_workers, gpus_per_worker, cpus_per_worker) of each tenant's oldest
+    queued jobs, ``per_tenant`` at most.
 
     Postgres: one index probe per active tenant (a LATERAL join on (tenant_id, status, id)), so
-    100,000 queued jobs cost what 1,000 tenants × 4 rows cost. SQLite (one machine, small
+    100,000 queued jobs cost what 1,000 tenants × a few rows cost. SQLite (one machine, small
     queues): a window function over the queue.
     """
+    r = Job.resources
+    numbers = (r["num_workers"].as_float(), r["gpus_per_worker"].as_float(), r["cpus_per_worker"].as_float())
     if s.get_bind().dialect.name == "postgresql":
         tenant = select(Tenant.id).where(Tenant.status == "active").subquery()
-        head = (select(Job.id, Job.tenant_id, Job.resources)
+        head = (select(Job.id, Job.tenant_id, *(n.label(f"n{i}") for i, n in enumerate(numbers)))
                 .where(Job.tenant_id == tenant.c.id, Job.status == states.QUEUED)
                 .order_by(Job.id).limit(per_tenant).lateral())
-        return s.execute(select(head.c.id, head.c.tenant_id, head.c.resources)
+        return s.execute(select(head.c.id, head.c.tenant_id, head.c.n0, head.c.n1, head.c.n2)
                          .select_from(tenant.join(head, true()))).all()
     rank = func.row_number().over(partition_by=Job.tenant_id, order_by=Job.id).label("rank")
-    ranked = select(Job.id, Job.tenant_id, Job.resources, rank).where(Job.status == states.QUEUED).subquery()
-    return s.execute(select(ranked.c.id, ranked.c.tenant_id, ranked.c.resources)
+    ranked = (select(Job.id, Job.tenant_id, *(n.label(f"n{i}") for i, n in enumerate(numbers)), rank)
+              .where(Job.status == states.QUEUED).subquery())
+    return s.execute(select(ranked.c.id, ranked.c.tenant_id, ranked.c.n0, ranked.c.n1, ranked.c.n2)
                      .where(ranked.c.rank <= per_tenant)).all()
 
 

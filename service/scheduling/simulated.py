@@ -25,6 +25,7 @@ class _Run:
     job_id: str
     need: Capacity
     state: RunState = RunState.PENDING
+    started_at: float | None = None  # when it was placed (got its GPUs)
     ends_at: float = 0.0
 
 
@@ -68,6 +69,7 @@ class SimulatedCluster:
         if run is not None and not run.state.terminal:
             if run.state is RunState.RUNNING:
                 self._held -= run.need
+                run.ends_at = self.now
             run.state = RunState.STOPPED
             self.in_flight -= 1
             self._admit()
@@ -109,6 +111,7 @@ class SimulatedCluster:
             if not run.need.fits_in(self.total - self._held):
                 return  # first come, first placed: Ray's queue is not ours to reorder
             sub = self._pending.popleft()
-            run.state, run.ends_at = RunState.RUNNING, self.now + self.duration_of(run.job_id)
+            run.state, run.started_at = RunState.RUNNING, self.now
+            run.ends_at = self.now + self.duration_of(run.job_id)
             self._held += run.need
             heapq.heappush(self._ends, (run.ends_at, sub))
