@@ -21,11 +21,13 @@ from service.ids import new_id, now
 from service.jobs import states
 from service.jobs.repository import create_job
 from service.jobs.submit import submit_job
+from service.launcher import RayJobLauncher, RayUnavailable
 from service.scheduler import Scheduler
 from service.scheduling.policy import Capacity
 from service.scheduling.simulated import SimulatedCluster
 from service.settings import Settings
 from service.tenants.repository import create_tenant
+from workers.local_ray import free_port
 from workers.spec import Hyperparameters, Resources
 
 
@@ -263,3 +265,16 @@ def test_history_rebuilds_fair_share_after_a_leader_change(world):
     w.scheduler = Scheduler(w.settings, w.engine, w.cluster, clock=lambda: w.cluster.now)
     started = w.tick()
     assert started == [lt] and w.job(h).status == states.QUEUED
+
+
+def test_unreachable_ray_ends_the_tick_and_fails_no_job(world):
+    """Ray's dashboard down is nobody's job's fault: the pass stops, every job keeps its state."""
+    w = world(gpus=1, max_submission_attempts=1, duration=lambda job_id: 10_000.0)
+    t = w.tenant("A")
+    running, queued = w.queue(t, 2)
+    w.tick()
+    w.scheduler.launcher = RayJobLauncher(f"http://127.0.0.1:{free_port()}", timeout=1.0)
+    for _ in range(3):
+        with pytest.raises(RayUnavailable):
+            w.scheduler.tick()
+    assert w.job(running).status == states.RUNNING and w.job(queued).status == states.QUEUED
