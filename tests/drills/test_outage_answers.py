@@ -12,8 +12,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-HERE = Path(__file__).parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "service")]
+sys.path.insert(0, str(Path(__file__).parents[1] / "service"))  # api_helpers; faultproxy: conftest.py
 
 from api_helpers import ADMIN, assert_problem, create_job, make_settings, new_tenant, publish_adapter, uploaded_file  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
