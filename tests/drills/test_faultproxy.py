@@ -73,3 +73,19 @@ def test_leader_loses_its_lock_within_seconds_when_its_connection_dies(pg_proxy)
         rival.release()
         key_engine.dispose()
         direct.dispose()
+
+
+def test_a_silent_peer_is_dropped_within_seconds_on_both_ends(pg_proxy):
+    """A cut sends RST; a vanished node sends nothing. Then TCP keepalives decide how long the
+    server keeps a dead leader's session (and its advisory lock): seconds, not the kernel's 2 h."""
+    from service.db.session import KEEPALIVE_COUNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S
+
+    engine = make_engine(PG.format(port=pg_proxy.port))
+    with engine.connect() as conn:
+        server = {k: conn.execute(sa.text(f"SHOW {k}")).scalar()
+                  for k in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
+    engine.dispose()
+    assert server == {"tcp_keepalives_idle": str(KEEPALIVE_IDLE_S),
+                      "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_S),
+                      "tcp_keepalives_count": str(KEEPALIVE_COUNT)}
+    assert KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT <= 10
