@@ -25,7 +25,9 @@ MAX_MICRO_BATCH_TOKENS = 262144  # batch_size x max_seq_length: one forward's ac
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are refused, and so are lax conversions (``true`` or ``3.0`` for an integer,
+    # ``"3"`` for a number): the API's request bodies embed these models (issue 10).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Hyperparameters(_Strict):

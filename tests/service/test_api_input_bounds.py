@@ -319,3 +319,14 @@ def test_unknown_openai_fields_are_allowed(client, tenant):
         "model": "nope", "messages": [{"role": "user", "content": "hi", "name": "x"}],
         "user": "u1", "logprobs": False, "response_format": {"type": "text"}})
     assert r.status_code in (404, 503) and r.json()["code"] != "validation_error", r.text
+
+
+@pytest.mark.parametrize("value", [True, 3.0, "3"])
+def test_job_integers_are_strict_too(client, tenant, value):
+    file_id = uploaded_file(client, tenant)
+    r = create_job(client, tenant, file_id, hyperparameters={"n_epochs": value})
+    assert_problem(r, 422, "validation_error")
+    r = create_job(client, tenant, file_id, method={"type": "lora", "lora": {"hyperparameters": {"batch_size": value}}})
+    assert_problem(r, 422, "validation_error")
+    r = create_job(client, tenant, file_id, resources={"num_workers": value})
+    assert_problem(r, 422, "validation_error")
