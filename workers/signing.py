@@ -11,8 +11,13 @@ hash and means the signature is checked before the JSON is even parsed, and no p
 request (its messages included) can be changed.
 
 Keys rotate without downtime: each signature names its key by an id derived from the key, and the
-verifier accepts the current and the previous key. A signature lives ``ttl_s`` (60 s); within
+verifier accepts the current and the previous key. A signature lives ``ttl_s`` (30 s); within
 that time the verifier refuses a request id it has already seen (per verifying process).
+
+Clocks: API and serving pods run on different nodes, whose clocks drift. The verifier allows
+``skew_s`` (30 s) either way: a signature is accepted until ``skew_s`` after its expiry, and may
+claim to live up to ``max_ttl_s + skew_s`` from the verifier's now. A replay stays refused for as
+long as the signature is accepted (``_remember`` keeps ids until expiry + skew).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ REQUEST_ID = "x-lorafleet-request-id"
 TENANT = "x-lorafleet-tenant"
 
 KEY_ENV, PREVIOUS_KEY_ENV = "LORAFLEET_SERVE_SIGNING_KEY", "LORAFLEET_SERVE_SIGNING_KEY_PREVIOUS"
-DEFAULT_TTL_S = 60
+DEFAULT_TTL_S = 30
+DEFAULT_SKEW_S = 30
 # Ids and tenants go into headers and logs: a narrow alphabet, bounded length.
 _TOKEN = re.compile(r"[A-Za-z0-9_.:-]{0,128}")
+_HEX_MAC = re.compile(r"[0-9a-f]{64}")  # what ``_mac`` writes: SHA-256, lowercase hex
 
 
 def key_id(key: str) -> str:
@@ -96,7 +103,7 @@ class Verifier:
     ``check_headers`` is cheap and runs before the body is read; ``verify`` needs the body bytes.
     """
 
-    def __init__(self, keys: list[str], *, max_ttl_s: int = DEFAULT_TTL_S, skew_s: int = 5,
+    def __init__(self, keys: list[str], *, max_ttl_s: int = DEFAULT_TTL_S, skew_s: int = DEFAULT_SKEW_S,
                  max_seen: int = 100_000, clock: Callable[[], float] = time.time):
         self._keys = {key_id(k): k for k in keys if k}
         self.max_ttl_s, self.skew_s, self.max_seen, self._clock = max_ttl_s, skew_s, max_seen, clock
@@ -121,6 +128,10 @@ class Verifier:
         tenant = headers.get(TENANT) or ""
         if kid not in self._keys:
             raise SignatureError("unknown_key", "the request is signed with an unknown key")
+        # Header values arrive as latin-1 text: anything but our own hex would make
+        # ``hmac.compare_digest`` raise (non-ASCII str) instead of refusing.
+        if not _HEX_MAC.fullmatch(signature):
+            raise SignatureError("malformed", "the signature is not 64 hex digits")
         if not expires.isascii() or not expires.isdigit() or len(expires) > 12:
             raise SignatureError("malformed", "the signature's expiry is not a timestamp")
         if not _TOKEN.fullmatch(request_id) or not _TOKEN.fullmatch(tenant):
@@ -134,7 +145,8 @@ class Verifier:
 
     def verify(self, claims: Claims, method: str, path: str, body: bytes) -> Claims:
         message = _message(method, path, claims.tenant, claims.request_id, claims.expires, body)
-        if not hmac.compare_digest(_mac(self._keys[claims.key_id], message), claims.signature):
+        expected = _mac(self._keys[claims.key_id], message).encode()
+        if not hmac.compare_digest(expected, claims.signature.encode("utf-8", "surrogateescape")):
             raise SignatureError("mismatch", "the signature does not match the request")
         self._remember(claims)
         return claims

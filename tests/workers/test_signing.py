@@ -42,7 +42,7 @@ def test_a_signature_binds_method_path_body_tenant_and_request_id():
     assert _reason(v, h, body=BODY.replace(b"tn_a", b"tn_b")) == "mismatch"
     assert _reason(v, {**h, "x-lorafleet-tenant": "tn_b"}) == "mismatch"
     assert _reason(v, {**h, "x-lorafleet-request-id": "req_3"}) == "mismatch"
-    assert _reason(v, {**h, "x-lorafleet-expires": str(int(clock.t) + 30)}) == "mismatch"
+    assert _reason(v, {**h, "x-lorafleet-expires": str(int(clock.t) + 45)}) == "mismatch"
 
 
 def test_missing_unknown_or_malformed_headers():
@@ -101,3 +101,28 @@ def test_module_needs_nothing_heavy():
     code = ("import sys, workers.signing; heavy = {'torch', 'ray', 'fastapi', 'pydantic'} & set(sys.modules);"
             "sys.exit(1 if heavy else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_clocks_apart_by_less_than_the_skew_both_ways_are_accepted():
+    """API and serving on different nodes: a serving clock 20 s behind or ahead still verifies
+    (a 60 s signature with 5 s of skew refused everything from a clock 5 s behind)."""
+    api = Clock()
+    sign = Signer("k1", clock=api).headers
+    for i, offset in enumerate((-20, -5, 0, 5, 20)):
+        serving = Clock(api.t + offset)
+        _check(Verifier(["k1"], clock=serving), sign("POST", "/p", BODY, request_id=f"req_{i}"), path="/p")
+    # Far apart is still refused, both ways.
+    h = sign("POST", "/p", BODY, request_id="req_far")
+    assert _reason(Verifier(["k1"], clock=Clock(api.t + 120)), h, path="/p") == "expired"
+    assert _reason(Verifier(["k1"], clock=Clock(api.t - 120)), h, path="/p") == "too_long"
+
+
+def test_a_malformed_signature_is_refused_not_an_error():
+    """A non-ASCII or non-hex signature with a known key id is a refusal (it made
+    ``hmac.compare_digest`` raise TypeError: a 500)."""
+    v = Verifier(["k1"])
+    h = Signer("k1").headers("POST", "/p", BODY, request_id="req_1")
+    for bad in ("é" * 64, "Z" * 64, h["x-lorafleet-signature"][:-1], h["x-lorafleet-signature"] + "0",
+                h["x-lorafleet-signature"].upper()):
+        assert _reason(v, {**h, "x-lorafleet-signature": bad}, path="/p") == "malformed", bad
+    _check(v, h, path="/p")  # the untouched one still verifies

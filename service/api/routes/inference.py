@@ -153,12 +153,14 @@ async def _forward(request: Request, db: ReadDatabase, path: str, tenant_id: str
         lease.release()
         raise
     if upstream.status_code == 401:
-        # Serving refused our signature (a key mismatch after a botched rotation): our fault,
-        # not the tenant's credentials, so never pass its 401 on.
+        # Serving refused our signature (keys that differ after a botched rotation, or clocks
+        # further apart than its allowed skew): our fault, not the tenant's credentials, so
+        # never pass its 401 on.
         await upstream.aclose()
         lease.release()
-        log.error("serving refused the control plane's signature (request %s): check "
-                  "LORAFLEET_SERVE_SIGNING_KEY on API and serving", rid)
+        log.error("serving refused the control plane's signature (request %s): check that "
+                  "LORAFLEET_SERVE_SIGNING_KEY matches on API and serving, and that their clocks "
+                  "agree within 30 s (NTP)", rid)
         return _unavailable(request, "serving_unavailable", "the serving application is unavailable")
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
     if upstream.headers.get("content-type", "").startswith("text/event-stream"):
