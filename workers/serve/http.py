@@ -13,6 +13,7 @@ caller's ``x-request-id``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from workers.serve.front import problem
 from workers.signing import Claims, SignatureError, Verifier
@@ -30,6 +32,9 @@ PROBLEM_JSON = "application/problem+json"
 # Signed bodies come from the control plane, which bounds them (1 MiB by default); this only
 # stops a caller without a key from making us buffer an unbounded body before the 401.
 MAX_BODY_BYTES = int(os.environ.get("LORAFLEET_SERVE_MAX_BODY_BYTES", str(8 * 1024 * 1024)))
+# The whole body must arrive within this: a caller trickling bytes (or stalling) would otherwise
+# hold a connection and a buffer for as long as it likes; uvicorn has no body timeout of its own.
+BODY_READ_TIMEOUT_S = float(os.environ.get("LORAFLEET_SERVE_BODY_READ_TIMEOUT_S", "30"))
 
 log = logging.getLogger("lorafleet.serve.http")
 
@@ -68,11 +73,19 @@ async def _read_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise Refused(413, "payload_too_large", "the body is too large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise Refused(413, "payload_too_large", "the body is too large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise Refused(413, "payload_too_large", "the body is too large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Refused(408, "request_timeout", f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s") from None
+    except ClientDisconnect:
+        # Nobody is left to read the answer; a 400 rather than an unhandled exception (a 500
+        # in our logs and metrics for what is the caller's doing).
+        raise Refused(400, "client_disconnected", "the client left before sending its whole body") from None
     return b"".join(chunks)
 
 
