@@ -109,7 +109,7 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
         raise AdapterFormatError(f"adapter {adapter_id!r} uses unsupported LoRA options: {unsupported}")
     try:
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(inf), r=1e999
         raise AdapterFormatError(f"adapter {adapter_id!r}: {ADAPTER_CONFIG} needs numbers r and lora_alpha") from None
     if rank < 1 or not math.isfinite(alpha):
         raise AdapterFormatError(f"adapter {adapter_id!r}: r must be at least 1 and lora_alpha finite")
@@ -122,36 +122,38 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
     weights, biases = {}, {}
     for module, ab in parts.items():
         if "bias" in ab:
-            bias = ab.pop("bias")
-            _check_tensor(adapter_id, f"{module}.bias", bias, dims=1)
-            biases[module] = bias.to(dtype).contiguous()
+            bias = _checked(adapter_id, f"{module}.bias", ab.pop("bias"), dtype, dims=1)
+            biases[module] = bias.contiguous()
             if not ab:
                 continue  # bias="all": a layer without LoRA weights whose bias was trained
         if set(ab) != {"lora_A", "lora_B"}:
             raise AdapterFormatError(f"adapter {adapter_id!r}: {module} lacks lora_A or lora_B")
-        a, b = ab["lora_A"], ab["lora_B"]  # (r, in), (out, r)
-        _check_tensor(adapter_id, f"{module}.lora_A", a)
-        _check_tensor(adapter_id, f"{module}.lora_B", b)
+        a = _checked(adapter_id, f"{module}.lora_A", ab["lora_A"], dtype)  # (r, in)
+        b = _checked(adapter_id, f"{module}.lora_B", ab["lora_B"], dtype)  # (out, r)
         if a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterFormatError(f"adapter {adapter_id!r}: {module} rank differs from r={rank}")
-        weights[module] = (a.t().to(dtype).contiguous(), b.t().to(dtype).contiguous())
+        weights[module] = (a.t().contiguous(), b.t().contiguous())
     if not weights:
         raise AdapterFormatError(f"adapter {adapter_id!r} holds no LoRA weights")
     return LoraAdapter(key=key, adapter_id=adapter_id, rank=rank, scale=scale, weights=weights,
                        biases=biases)
 
 
-def _check_tensor(adapter_id: str, name: str, t: torch.Tensor, dims: int = 2) -> None:
-    """A weight one request's rows can use without breaking: a matrix (a vector for a bias),
-    floating point, finite. (Shapes against the base model's layers: ``DeviceSlots.check``.)"""
+def _checked(adapter_id: str, name: str, t: torch.Tensor, dtype: torch.dtype, dims: int = 2) -> torch.Tensor:
+    """``t`` in the serving dtype, if one request's rows can use it without breaking: a matrix
+    (a vector for a bias), floating point, finite *after* the conversion (a large float32 value
+    becomes inf in float16). (Shapes against the base model's layers: ``DeviceSlots.check``.)"""
     if t.dtype not in ADAPTER_DTYPES:
         raise AdapterFormatError(f"adapter {adapter_id!r}: {name} is {str(t.dtype).removeprefix('torch.')}; "
                                  f"LoRA weights must be float16, bfloat16 or float32")
     if t.dim() != dims or 0 in t.shape:
         raise AdapterFormatError(f"adapter {adapter_id!r}: {name} has shape {tuple(t.shape)}, not a "
                                  f"{'matrix' if dims == 2 else 'vector'}")
+    t = t.to(dtype)
     if not bool(torch.isfinite(t).all()):
-        raise AdapterFormatError(f"adapter {adapter_id!r}: {name} holds non-finite values (inf or NaN)")
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {name} holds non-finite values (inf or NaN) "
+                                 f"in {str(dtype).removeprefix('torch.')}")
+    return t
 
 
 class MultiLoraLinear(nn.Module):

@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from workers.serve import synthetic
 from workers.serve.adapters import AdapterCache, AdapterError
@@ -181,6 +181,33 @@ def test_a_corrupt_weights_file_is_refused_in_our_words(tiny, local_store):
         parse_peft_adapter(json.dumps(bad).encode(),
                            (tiny.adapter_dirs["ad8"] / "adapter_model.safetensors").read_bytes(),
                            key="k", adapter_id="ft-junk")
+
+
+def test_weights_finite_in_float32_but_not_in_the_serving_dtype_are_refused(tiny):
+    """1e6 is a fine float32 and inf in float16: checked after the conversion, not before."""
+    from workers.serve.lora import AdapterFormatError, parse_peft_adapter
+
+    src = tiny.adapter_dirs["ad8"]
+    tensors = load_file(src / "adapter_model.safetensors")
+    tensors[_first(tensors, "lora_B")][0, 0] = 1e6
+    args = dict(config_json=(src / "adapter_config.json").read_bytes(), safetensors=save(tensors),
+                key="k", adapter_id="ft-big")
+    assert parse_peft_adapter(**args, dtype=torch.float32).rank == 8  # servable in float32
+    with pytest.raises(AdapterFormatError, match="non-finite values .* in float16"):
+        parse_peft_adapter(**args, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("r", ["1e999", "-1e999", "NaN"])
+def test_a_rank_no_integer_holds_is_an_invalid_adapter(tiny, r):
+    """``"r": 1e999`` parses as inf; int(inf) raised an uncaught OverflowError (a 500)."""
+    from workers.serve.lora import AdapterFormatError, parse_peft_adapter
+
+    src = tiny.adapter_dirs["ad8"]
+    config = json.dumps({**json.loads((src / "adapter_config.json").read_text()), "r": 8})
+    config = config.replace('"r": 8', f'"r": {r}')
+    with pytest.raises(AdapterFormatError, match="needs numbers r and lora_alpha"):
+        parse_peft_adapter(config.encode(), (src / "adapter_model.safetensors").read_bytes(),
+                           key="k", adapter_id="ft-huge")
 
 
 # ---- no request lost between queues ----------------------------------------------------------------
