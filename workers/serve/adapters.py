@@ -163,7 +163,10 @@ class AdapterCache:
         try:
             return get_bytes(self.store, key)
         except ObjectNotFound:
-            raise AdapterNotFound(adapter_id, f"adapter {adapter_id!r}: {key} is missing") from None
+            # Object-store keys name tenants' prefixes and our layout: our log, not the answer.
+            log.warning("adapter %s: %s is missing from the object store", adapter_id, key)
+            raise AdapterNotFound(adapter_id, f"adapter {adapter_id!r} was not found; it may have "
+                                              f"been deleted") from None
         except StorageError as exc:  # the store's text names hosts and buckets: our log only
             log.warning("adapter %s: reading %s failed: %s", adapter_id, key, exc)
             raise AdapterStorageError(adapter_id, f"adapter {adapter_id!r} could not be read from "
@@ -176,8 +179,10 @@ class AdapterCache:
             log.warning("adapter %s: invalid %s: %s", adapter_id, MANIFEST, exc)
             raise AdapterError(adapter_id, f"adapter {adapter_id!r}: its {MANIFEST} is invalid") from None
         if manifest.adapter_id != adapter_id:
-            raise AdapterError(adapter_id, f"{prefix}/{MANIFEST} describes adapter "
-                                           f"{manifest.adapter_id!r}, not {adapter_id!r}")
+            log.warning("adapter %s: %s/%s describes adapter %r", adapter_id, prefix, MANIFEST,
+                        manifest.adapter_id)
+            raise AdapterError(adapter_id, f"adapter {adapter_id!r}: its {MANIFEST} describes "
+                                           f"another adapter")
         if manifest.base_model.id != self.base_model_id:
             raise AdapterBaseMismatch(
                 adapter_id, f"adapter {adapter_id!r} was trained for base model "

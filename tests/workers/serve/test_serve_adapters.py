@@ -13,6 +13,7 @@ from workers.serve.adapters import (
     AdapterBaseMismatch,
     AdapterCache,
     AdapterChecksumMismatch,
+    AdapterError,
     AdapterNotFound,
 )
 from workers.serve.engine import Engine
@@ -74,10 +75,24 @@ def test_an_adapter_for_another_base_is_refused(tiny, local_store):
         asyncio.run(cache.get("ad8", prefix))
 
 
-def test_a_missing_adapter_is_not_found(local_store):
+def test_a_missing_adapter_is_not_found(local_store, caplog):
     cache = AdapterCache(local_store, base_model_id=BASE_ID)
-    with pytest.raises(AdapterNotFound):
+    with pytest.raises(AdapterNotFound) as missing:
         asyncio.run(cache.get("ft-nope", "tenants/tn_a/adapters/ft-nope/v1"))
+    # The tenant reads our words and the id; the object-store key is for our log only.
+    assert str(missing.value) == "adapter 'ft-nope' was not found; it may have been deleted"
+    assert "tenants/tn_a/adapters/ft-nope/v1/manifest.json" in caplog.text
+
+
+def test_a_manifest_for_another_adapter_names_no_storage_path(tiny, local_store, caplog):
+    prefix = publish(tiny, local_store, "ad8")
+    cache = AdapterCache(local_store, base_model_id=BASE_ID)
+    with pytest.raises(AdapterError) as refused:
+        asyncio.run(cache.get("ft-other", prefix))
+    assert refused.value.code == "adapter_invalid"
+    assert "tenants/" not in str(refused.value) and "'ad8'" not in str(refused.value)
+    assert str(refused.value) == "adapter 'ft-other': its manifest.json describes another adapter"
+    assert prefix in caplog.text
 
 
 def test_host_tier_evicts_at_count_and_bytes_and_reloads_correctly(tiny, local_store, prompts):
