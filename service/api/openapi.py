@@ -90,7 +90,7 @@ def document_problems(app: FastAPI) -> None:
                         responses[status] = _problem(response.get("description") or "Error")
                 if _streams(operation, schemas) and "200" in responses:  # stream=true: SSE
                     responses["200"].setdefault("content", {})["text/event-stream"] = {
-                        "schema": {"type": "string"}}
+                        "schema": {"description": "Server-sent events: one JSON chunk per event, then [DONE]"}}
                 operation["responses"] = dict(sorted(responses.items()))
         # FastAPI's validation-error shapes are never served (our 422 is a Problem).
         for name in ("HTTPValidationError", "ValidationError"):
