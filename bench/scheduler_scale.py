@@ -69,7 +69,7 @@ class Scale:
     tick_s: float = 10.0
 
 
-FULL = Scale(gpus=512, tenants=1000, jobs=100_000, horizon_s=8 * 3600, tick_s=20.0)
+FULL = Scale(gpus=512, tenants=1000, jobs=100_000, horizon_s=4 * 3600, tick_s=20.0)
 QUICK = Scale(gpus=64, tenants=100, jobs=10_000, horizon_s=2 * 3600, tick_s=20.0)
 
 

@@ -315,6 +315,12 @@ class Scheduler:
             claimed = {job.id: job for job in s.scalars(
                 select(Job).where(Job.id.in_([q.id for q in decided.start]), Job.status == states.QUEUED)
                 .with_for_update(skip_locked=True))} if decided.start else {}
+            # What build_spec looks up, loaded in two queries and held here: the session's
+            # identity map keeps objects only while something references them.
+            inputs = [*s.scalars(select(BaseModelRow).where(BaseModelRow.id.in_({j.model for j in claimed.values()}))),
+                      *s.scalars(select(File).where(File.id.in_(
+                          {j.training_file for j in claimed.values()}
+                          | {j.validation_file for j in claimed.values() if j.validation_file})))] if claimed else []
             for queued in decided.start:
                 job = claimed.get(queued.id)
                 if job is None:
@@ -327,6 +333,7 @@ class Scheduler:
                                               * self.settings.scheduler_interval_s)
                 if (run := self._prepare(s, job)) is not None:
                     runs.append(run)
+        del inputs
         # Committed as running first, then submitted: a crash in between is healed by
         # _reconcile (unknown to Ray → submitted with the same id), never a double run.
         for run in runs:
@@ -395,6 +402,7 @@ class Scheduler:
             max_concurrent=None if r.max_concurrent_gpus is None and r.max_concurrent_cpus is None else Capacity(
                 cpus=math.inf if r.max_concurrent_cpus is None else r.max_concurrent_cpus,
                 gpus=math.inf if r.max_concurrent_gpus is None else r.max_concurrent_gpus)) for r in rows}
+        ceiling = {r.id: _ceiling(r, self.settings) for r in rows}  # the most one job may need
         heads: dict[str, list[QueuedJob]] = defaultdict(list)
         never: list[tuple[str, str]] = []
         # Enough heads per tenant to fill what is free if every tenant took an equal part, and
@@ -407,8 +415,8 @@ class Scheduler:
             if tenant is None:
                 continue  # a disabled tenant's jobs wait
             need = _need(workers, gpus, cpus)
-            if reason := limit_violation(need, tenant=tenant, settings=self.settings):
-                never.append((job_id, reason))
+            if not need.fits_in(ceiling[tenant_id]):
+                never.append((job_id, limit_violation(need, tenant=tenant, settings=self.settings)))
                 continue
             heads[tenant_id].append(QueuedJob(job_id, tenant_id, need,
                                               tenant.max_job_wall_clock_s or self.settings.max_job_wall_clock_s))
@@ -501,6 +509,14 @@ def _need(workers: float | None, gpus: float | None, cpus: float | None) -> Capa
     """A job's demand from its resources' numbers (None: Resources' default)."""
     w = 1 if workers is None else workers
     return Capacity(cpus=w * (1 if cpus is None else cpus), gpus=w * (gpus or 0))
+
+
+def _ceiling(tenant, settings: Settings) -> Capacity:
+    """The most one job of ``tenant`` may need (service.tenants.limits says why, when it is passed)."""
+    def least(*limits: float | None) -> float:
+        return min((x for x in limits if x is not None), default=math.inf)
+    return Capacity(cpus=least(settings.cluster_max_cpus, tenant.max_cpus_per_job, tenant.max_concurrent_cpus),
+                    gpus=least(settings.cluster_max_gpus, tenant.max_gpus_per_job, tenant.max_concurrent_gpus))
 
 
 def _floor(c: Capacity) -> Capacity:

@@ -39,8 +39,8 @@ class Capacity:
 
     def fits_in(self, room: Capacity) -> bool:
         """Every dimension this needs is within ``room`` (a dimension it does not use never blocks)."""
-        return all(need <= _EPS or need <= have + _EPS
-                   for need, have in ((self.cpus, room.cpus), (self.gpus, room.gpus)))
+        return ((self.cpus <= _EPS or self.cpus <= room.cpus + _EPS)
+                and (self.gpus <= _EPS or self.gpus <= room.gpus + _EPS))
 
     def min(self, other: Capacity) -> Capacity:
         return Capacity(min(self.cpus, other.cpus), min(self.gpus, other.gpus))
@@ -49,7 +49,7 @@ class Capacity:
 ZERO = Capacity(0.0, 0.0)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class QueuedJob:
     id: str
     tenant_id: str
@@ -57,14 +57,14 @@ class QueuedJob:
     wall_clock_s: float | None  # its limit: how long it may hold what it takes (None: no limit)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RunningJob:
     tenant_id: str
     need: Capacity
     deadline: float | None  # when its wall-clock limit stops it at the latest
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TenantState:
     id: str
     usage: float = 0.0  # decayed share-unit-seconds used (GPU-seconds on a GPU cluster)
