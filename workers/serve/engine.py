@@ -36,7 +36,11 @@ class RequestFailed(RuntimeError):
         self.code, self.status = code, status
 
 
-class ContextLengthExceeded(ValueError):
+class InvalidPrompt(ValueError):
+    """A prompt this model cannot read; the message is ours and may be shown to the client."""
+
+
+class ContextLengthExceeded(InvalidPrompt):
     """The prompt plus max_tokens do not fit in this replica's context."""
 
 
@@ -63,6 +67,18 @@ def _detokenize_failed() -> RequestFailed:
 def _engine_failed() -> RequestFailed:
     return RequestFailed("engine_failed", "the serving engine failed while running this request; "
                                           "retry it", status=503)
+
+
+def _stop_prefix_at_end(text: str, end: int, stop: str) -> int:
+    """The length of the longest proper prefix of ``stop`` that ``text[:end]`` ends with: text
+    to hold back, as the next tokens may complete the stop string. Looks only at the last
+    ``len(stop) - 1`` characters, and copies nothing of the text before them."""
+    i = max(0, end - len(stop) + 1)
+    while (i := text.find(stop[0], i, end)) != -1:  # candidate starts: where stop's first char is
+        if stop.startswith(text[i:end]):
+            return end - i  # the first candidate is the longest
+        i += 1
+    return 0
 
 
 @dataclass
@@ -142,9 +158,9 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None = None,
                on_event: Callable[[Request, str], None] | None = None) -> Request:
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidPrompt("the prompt is empty")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:  # would fail the batch's forward
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise InvalidPrompt(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(prompt_ids) + params.max_tokens > self.max_len:
             raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
                                         f"exceeds this replica's context of {self.max_len} tokens")
@@ -342,23 +358,25 @@ class Engine:
 
     def _detokenize(self, req: Request) -> str:
         """New text since the last event; holds back what may still become a stop string or an
-        incomplete UTF-8 character."""
+        incomplete UTF-8 character.
+
+        Runs for every row at every step on the thread the whole batch shares, so the stop work
+        per token is bounded by the new text and the stops (at most 4, each at most 256
+        characters: ``workers.serve.front``), never by the length of the output so far."""
         if self.tokenizer is None:
             return ""
         req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
         end = len(req.text)
         for stop in req.params.stop:
+            # Only where a match may newly end: the unsent text and a stop's length before it.
             at = req.text.find(stop, max(0, req.sent - len(stop)))
             if at != -1:
                 req.text, req.finish_reason, end = req.text[:at], "stop", at
         if req.finish_reason is None:
             if req.text.endswith("\ufffd"):
                 end -= 1
-            for stop in req.params.stop:
-                for k in range(min(len(stop) - 1, end), 0, -1):
-                    if req.text[:end].endswith(stop[:k]):
-                        end -= k
-                        break
+            hold = max((_stop_prefix_at_end(req.text, end, stop) for stop in req.params.stop), default=0)
+            end -= hold
         end = max(end, req.sent)
         delta, req.sent = req.text[req.sent:end], end
         return delta

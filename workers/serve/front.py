@@ -8,16 +8,18 @@ replica, whose results cross process boundaries as data, not exceptions.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.serve.adapters import AdapterCache, AdapterError
-from workers.serve.engine import ContextLengthExceeded, Request, RequestFailed
+from workers.serve.engine import ContextLengthExceeded, InvalidPrompt, Request, RequestFailed
 from workers.serve.lora import AdapterFormatError
 from workers.serve.runner import EngineRunner
 from workers.serve.sampling import SamplingParams
@@ -27,6 +29,13 @@ Kind = Literal["chat", "completion"]
 # ``max_chars_per_token``); generous, so the pre-check never refuses what would fit.
 FALLBACK_CHARS_PER_TOKEN = 64
 PROBLEM_BASE = "https://lorafleet.dev/problems/"
+# Stop strings are searched on the engine thread every batch shares (``Engine._detokenize``):
+# bounded in number and length, so one tenant's stops cannot slow everyone's decoding.
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+# torch.Generator.manual_seed takes a 64-bit integer; OpenAI documents seed as an int64.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+log = logging.getLogger(__name__)
 
 
 def problem(status: int, code: str, detail: str, param: str | None = None) -> dict:
@@ -69,7 +78,7 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: dict | None = None
@@ -79,8 +88,9 @@ class _Common(BaseModel):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of at most "
+                             f"{MAX_STOP_CHARS} characters")
         return stops
 
     def sampling(self, default_max: int) -> SamplingParams:
@@ -93,6 +103,16 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v):
+        """A text part's ``text`` is a string: anything else is the caller's error (a 422), not a
+        TypeError in ``text()`` that would end the request as a server failure."""
+        for part in v if isinstance(v, list) else ():
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError("a content part of type text needs a string text")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text is served
@@ -150,8 +170,15 @@ class ServingFront:
             yield {"problem": problem(exc.status, exc.code, str(exc))}
         except ContextLengthExceeded as exc:  # Engine.submit: prompt + max_tokens past the context
             yield {"problem": problem(400, "context_length_exceeded", str(exc), "max_tokens")}
-        except ValueError as exc:  # Engine.submit: a prompt the model cannot read
+        except InvalidPrompt as exc:  # Engine.submit, in our words: a prompt the model cannot read
             yield {"problem": problem(400, "invalid_request", str(exc), "prompt")}
+        except ValueError:  # a library refusing what the request asked for: its text is not ours
+            log.warning("request refused by a library", exc_info=True)
+            yield {"problem": problem(400, "invalid_request", "this replica cannot serve the request "
+                                                              "with these settings")}
+        except Exception:  # noqa: BLE001 - a bug: a plain 500, never a retryable 503 (Ray's path)
+            log.exception("serving a %s request failed", kind)
+            yield {"problem": problem(500, "internal_error", "serving this request failed on this replica")}
 
     # ---- request side -------------------------------------------------------------------------
 
@@ -189,12 +216,21 @@ class ServingFront:
             raise Problem(400, "context_length_exceeded",
                           f"the prompt has {chars} characters, more than fit in this model's context "
                           f"of {limit} tokens", param)
-        if kind == "chat":
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a dict
-        else:
-            ids = self.tokenizer(req.prompt)["input_ids"]
+        try:
+            if kind == "chat":
+                messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a dict
+            else:
+                ids = self.tokenizer(req.prompt)["input_ids"]
+        except TemplateError:  # the model's template refuses these messages (roles, their order)
+            log.info("the chat template refused the messages", exc_info=True)
+            raise Problem(400, "invalid_request", "this model's chat template does not accept these "
+                          "messages (check their roles and order)", param) from None
+        except (ValueError, TypeError):  # the tokenizer cannot read this text
+            log.warning("tokenising the request failed", exc_info=True)
+            raise Problem(400, "invalid_request", "this model's tokenizer cannot read the prompt",
+                          param) from None
         if not ids:
             raise Problem(400, "invalid_request", "the prompt is empty", "prompt")
         if len(ids) >= limit:

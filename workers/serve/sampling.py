@@ -23,6 +23,8 @@ class SamplingParams:
             raise ValueError("temperature must be between 0 and 2")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # torch's generators: 64 bits
+            raise ValueError("seed must be a 64-bit signed integer")
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
