@@ -159,6 +159,40 @@ def test_a_stream_serving_breaks_off_ends_with_an_error_event_and_frees_the_slot
     assert error["code"] == "serving_unavailable" and "replica lost" not in error["message"]
 
 
+BASE = "lorafleet/tiny-llama"
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    # A text part must hold a string: serving could not read it (it answered 500/503).
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages.0.content"),
+    # seed is an int64 (PyTorch's overflow text reached the tenant).
+    ("/v1/completions", {"prompt": "x", "seed": 2**64, "temperature": 1}, "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": -(2**63) - 1}, "seed"),
+    # Stop strings: up to 4, each up to 256 characters (they are searched on every decode step).
+    ("/v1/completions", {"prompt": "x", "stop": "s" * 257}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["ok", "s" * 257]}, "stop"),
+])
+def test_input_serving_cannot_serve_is_our_422_before_the_proxy_hop(proxy, tenant, path, body, param):
+    r = proxy.post(path, headers=tenant.headers, json={"model": BASE, **body})
+    problem = assert_problem(r, 422, "validation_error")
+    assert problem["param"].startswith(param), problem
+
+
+def test_input_at_the_bounds_is_forwarded(proxy, tenant):
+    r = proxy.post("/v1/completions", headers=tenant.headers,
+                   json={"model": BASE, "prompt": "x", "seed": 2**63 - 1, "stop": ["s" * 256] * 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["seen"]["seed"] == 2**63 - 1
+    content = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "u"}}]
+    r = proxy.post("/v1/chat/completions", headers=tenant.headers,
+                   json={"model": BASE, "messages": [{"role": "user", "content": content}], "seed": -(2**63)})
+    assert r.status_code == 200 and r.json()["seen"]["messages"][0]["content"] == content, r.text
+
+
 def test_unknown_or_foreign_models_are_404_never_the_base(proxy, tenant, other_tenant):
     theirs = _adapter_of(proxy, proxy.app, other_tenant)
     for model in (theirs, "ft-tiny-llama-lora-00000000", "gpt-4"):

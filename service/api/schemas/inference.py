@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Body
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.api.schemas.common import StrictBool, StrictInt, StrictNumber
 
 _MODEL_DESCRIPTION = "A base model id or one of your adapters' ids (GET /v1/models)"
+_StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class ChatMessage(BaseModel):
@@ -25,6 +26,15 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = Field(
         None, description="Text, or OpenAI content parts (only text parts are served)")
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_hold_strings(cls, v):
+        """As serving requires (workers/serve/front.py): a text part's ``text`` is a string."""
+        for part in v if isinstance(v, list) else ():
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError("a content part of type text needs a string text")
+        return v
 
 
 class _InferenceRequest(BaseModel):
@@ -35,8 +45,9 @@ class _InferenceRequest(BaseModel):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[StrictNumber, Field(ge=0, le=2)] | None = None
     top_p: Annotated[StrictNumber, Field(gt=0, le=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: StrictInt | None = None
+    # Stop strings: at most 4 of at most 256 characters, as serving enforces (workers/serve/front.py).
+    stop: _StopString | Annotated[list[_StopString], Field(max_length=4)] | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1, description="A 64-bit signed integer")] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None
     stream: StrictBool | None = None
     stream_options: dict[str, Any] | None = None
