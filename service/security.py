@@ -1,4 +1,5 @@
-"""Credentials the service checks: the admin token and job-scoped worker tokens.
+"""Credentials the service checks: the admin token, job-scoped worker tokens, and the tags
+that tenant API keys carry (so a forged key is refused without a database lookup).
 
 A job token is self-contained: ``v2.<job id>.<attempt>.<expires at>.<hmac>``, the HMAC-SHA256
 (key: internal_secret) of everything before it. It proves the caller was handed the spec of
@@ -68,6 +69,34 @@ def is_valid_job_token(token: str, job_id: str, settings: Settings) -> bool:
     database where it matters, in service.api.deps)."""
     claims = job_token_claims(token, settings)
     return claims is not None and hmac.compare_digest(claims.job_id.encode(), job_id.encode())
+
+
+# Tenant API keys carry a tag: ``lf-<body>.<tag>``, the tag a truncated HMAC (internal_secret) of
+# the body. Only we can make a key whose tag checks, so such a key is always worth its database
+# lookup, whatever a client address has spent on failures; a key whose tag does not check is
+# refused with no query at all. 64 bits: forging one tag costs 2**63 tries on average, to buy
+# one database lookup. Rotating the internal secret invalidates every tagged key (see README).
+_API_KEY_CONTEXT = b"api-key\n"
+API_KEY_TAG_CHARS = 16
+_TAG_ALPHABET = frozenset("0123456789abcdef")
+
+
+def api_key_tag(body: str, settings: Settings) -> str:
+    """The tag of an API key whose text before the dot is ``body`` (``lf-`` + random)."""
+    secret = settings.internal_secret.get_secret_value().encode()
+    return hmac.new(secret, _API_KEY_CONTEXT + body.encode(), hashlib.sha256).hexdigest()[:API_KEY_TAG_CHARS]
+
+
+def api_key_tag_checks(key: str, settings: Settings) -> bool | None:
+    """True: ``key`` is tagged and the tag is ours. False: tagged, but not by us (a forgery or
+    junk). None: untagged, a key issued before tags (``lf-`` + 43 URL-safe characters), which
+    only the database can tell."""
+    body, dot, tag = key.rpartition(".")
+    if not dot:
+        return None
+    if len(tag) != API_KEY_TAG_CHARS or not set(tag) <= _TAG_ALPHABET:
+        return False
+    return hmac.compare_digest(tag.encode(), api_key_tag(body, settings).encode())
 
 
 def is_admin_token(token: str, settings: Settings) -> bool:

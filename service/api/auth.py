@@ -5,14 +5,20 @@ hash in a bounded LRU (a flood of random keys evicts the oldest entries, never t
 revoking a key or changing a tenant drops the affected entries at once in this process (other
 replicas see the change within ``ttl_s``). API keys are only ever held as their sha256.
 
-Failed authentication is limited per client address (``FailedAuthLimiter``): once an address
-has spent its failures, an unknown key is refused with 429 before any database query, so random
-keys cost at most ``failed_auth_per_minute`` lookups per address and minute.
+Keys carry a tag only we can make (service.security.api_key_tag): a key whose tag checks is
+always looked up, whatever its client address has spent, so a flood of junk from one address
+(or from everyone behind one proxy address) never locks a tenant out; a key with a bad tag, or
+of no shape we ever issued, is refused without a database query. Keys issued before tags are
+looked up while their address has failures left (``FailedAuthLimiter``): past that budget such
+an uncached key is refused with 429 before any query, so random keys in the old shape cost at
+most ``failed_auth_per_minute`` lookups per address and minute. Every failure counts against
+the address, so its 429 tells a client it is guessing.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import Forbidden, RateLimited, Unauthorized
+from service.security import api_key_tag_checks
+from service.settings import Settings
 from service.tenants.repository import find_active_key, hash_key
 
 
@@ -151,17 +159,27 @@ def client_address(scope: dict) -> str:
     return client[0] if client else "unknown"
 
 
+# The one shape of the keys issued before they carried a tag: "lf-" + secrets.token_urlsafe(32).
+_UNTAGGED_KEY = re.compile(r"lf-[A-Za-z0-9_-]{43}")
+
+
 async def authenticate_tenant(principals: PrincipalCache, limiter: FailedAuthLimiter,
-                              token: str | None, address: str) -> TenantPrincipal:
-    """The tenant behind ``token``. A missing key, or one in the cache (known good or known
-    bad), costs nothing; an uncached key costs one database lookup, and only while ``address``
-    has failures left."""
+                              token: str | None, address: str, settings: Settings) -> TenantPrincipal:
+    """The tenant behind ``token``. A missing key, a forged one, or one in the cache (known good
+    or known bad) costs nothing; an uncached key with our tag costs one database lookup, always;
+    an uncached untagged key costs one while ``address`` has failures left."""
     if token is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer lf-…'")
+    tagged = api_key_tag_checks(token, settings)
+    if tagged is False or (tagged is None and not _UNTAGGED_KEY.fullmatch(token)):
+        limiter.check(address)  # a guessing address hears 429, as on the lookup path
+        limiter.failed(address)
+        raise Unauthorized("invalid or revoked API key")
     key_hash = hash_key(token)
     hit, principal = principals.cached(key_hash)
     if not hit:
-        limiter.check(address)
+        if not tagged:
+            limiter.check(address)
         principal = await run_in_threadpool(principals.load, key_hash)
         if principal is None:
             limiter.failed(address)

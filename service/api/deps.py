@@ -99,7 +99,8 @@ async def current_tenant(request: Request,
     principal = request.scope.get("state", {}).get("principal")
     if principal is None:
         principal = await authenticate_tenant(request.app.state.principals, request.app.state.auth_failures,
-                                              creds.credentials if creds else None, client_address(request.scope))
+                                              creds.credentials if creds else None, client_address(request.scope),
+                                              request.app.state.settings)
     principal = check_principal(principal)
     request.app.state.rate_limiter.take(principal.tenant_id, principal.requests_per_minute)
     return principal

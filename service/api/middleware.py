@@ -107,7 +107,7 @@ class AuthGate:
                 self._check_admin(token, address)
             else:
                 scope.setdefault("state", {})["principal"] = await authenticate_tenant(
-                    self.principals, self.failures, token, address)
+                    self.principals, self.failures, token, address, self.settings)
         except domain.DomainError as exc:
             await domain_problem(scope, exc)(scope, receive, send)
             return
@@ -116,9 +116,12 @@ class AuthGate:
     def _check_admin(self, token: str | None, address: str) -> None:
         if token is None:
             raise domain.Unauthorized("missing admin token")
-        if is_admin_token(token, self.settings):  # constant time, no lookup: free to check
-            return
+        # The budget first, even for the right token: otherwise a guesser past its budget would
+        # still learn which guess is right (200 vs 429) at full speed. A blocked address waits
+        # for the window like anyone else; operators reach /v1/admin from their own address.
         self.failures.check(address)
+        if is_admin_token(token, self.settings):  # constant time, no lookup
+            return
         self.failures.failed(address)
         raise domain.Forbidden("not an admin token")
 

@@ -13,6 +13,8 @@ from service.db.models import ApiKey, Tenant
 from service.db.pages import Page, fetch_page
 from service.errors import NotFound
 from service.ids import new_id, now
+from service.security import api_key_tag
+from service.settings import Settings
 
 KEY_PREFIX = "lf-"
 
@@ -43,9 +45,13 @@ def list_tenants(session: Session, *, after: str | None = None, limit: int = 20)
     return fetch_page(session, select(Tenant), Tenant.id, after=after, limit=limit)
 
 
-def create_api_key(session: Session, *, tenant_id: str, name: str | None) -> tuple[ApiKey, str]:
-    """A new key and its secret; only the hash is stored, so the secret is returned this once."""
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+def create_api_key(session: Session, *, tenant_id: str, name: str | None,
+                   settings: Settings) -> tuple[ApiKey, str]:
+    """A new key and its secret; only the hash is stored, so the secret is returned this once.
+    The secret is ``lf-<random>.<tag>`` (service.security.api_key_tag: a forged key is refused
+    without a lookup)."""
+    body = KEY_PREFIX + secrets.token_urlsafe(32)
+    secret = f"{body}.{api_key_tag(body, settings)}"
     key = ApiKey(id=new_id("key_"), tenant_id=tenant_id, name=name, key_hash=hash_key(secret),
                  prefix=secret[:10], created_at=now(), revoked_at=None)
     session.add(key)

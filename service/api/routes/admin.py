@@ -60,9 +60,11 @@ def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep,
 
 
 @router.post("/tenants/{tenant_id}/api_keys", status_code=201)
-def create_api_key(tenant_id: str, session: SessionDep, body: ApiKeyCreate | None = None) -> ApiKeyCreated:
+def create_api_key(tenant_id: str, session: SessionDep, settings: SettingsDep,
+                   body: ApiKeyCreate | None = None) -> ApiKeyCreated:
     tenants.get_tenant(session, tenant_id=tenant_id)
-    key, secret = tenants.create_api_key(session, tenant_id=tenant_id, name=body.name if body else None)
+    key, secret = tenants.create_api_key(session, tenant_id=tenant_id, name=body.name if body else None,
+                                         settings=settings)
     session.commit()
     return ApiKeyCreated(**ApiKeyPublic.of(key).model_dump(), key=secret)
 
