@@ -100,6 +100,19 @@ def test_a_library_failure_is_our_500_never_its_text_nor_a_retryable_503(tiny, a
     assert "secret" not in p["detail"] and "panicked" not in p["detail"]
 
 
+def test_a_library_valueerror_is_a_400_in_our_words(ask, monkeypatch):
+    """What PyTorch said for seed=2**64 (before seeds were bounded) reached the tenant verbatim."""
+    from workers.serve import engine as engine_module
+
+    def refuse(params, device):
+        raise ValueError("Overflow when unpacking long long")
+
+    monkeypatch.setattr(engine_module, "make_generator", refuse)
+    p = _problem(ask("completion", {"model": BASE_ID, "prompt": "Hi", "temperature": 1}))
+    assert (p["status"], p["code"]) == (400, "invalid_request"), p
+    assert "Overflow" not in p["detail"] and p["param"] is None
+
+
 @pytest.mark.parametrize("seed", [2**64, 2**63, -(2**63) - 1])
 def test_a_seed_beyond_64_bits_is_a_422_on_seed(ask, seed):
     p = _problem(ask("completion", {"model": BASE_ID, "prompt": "Hi", "seed": seed, "temperature": 1}))
