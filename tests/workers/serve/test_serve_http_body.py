@@ -80,7 +80,8 @@ def test_a_client_leaving_mid_body_is_not_a_500():
     assert (status, body["code"]) == (400, "client_disconnected")
 
 
-@pytest.mark.parametrize("signature", ["é" * 64, "\xff" * 64, "not hex at all"], ids=["non-ascii", "latin-1", "not-hex"])
+@pytest.mark.parametrize("signature", ["é" * 64, "\xff" * 64, "not hex at all"],
+                         ids=["non-ascii", "latin-1", "not-hex"])
 def test_a_malformed_signature_with_a_known_key_is_a_401(signature):
     headers = {**_signed(), "x-lorafleet-signature": signature}
     status, body = asyncio.run(_call(headers, [{"type": "http.request", "body": BODY, "more_body": False}]))
