@@ -7,6 +7,7 @@ and applies the tenant's rate limit, and handlers only ever query with its ``ten
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -117,24 +118,49 @@ def _run_of(session: Session, job_id: str):
     return session.execute(select(Job.status, Job.attempts).where(Job.id == job_id)).one_or_none()
 
 
-async def _current_run(request: Request, job_id: str, creds: Credentials, *, active: bool) -> str:
-    """Checks a worker's token: signed for this job, unexpired, and of the job's current run
-    (attempt); with ``active``, also that the job still runs. A run that is over (requeued,
-    replaced by a newer run, or its job ended) may no longer report anything."""
-    claims = job_token_claims(creds.credentials, request.app.state.settings) if creds else None
-    if claims is None or claims.job_id != job_id:
-        raise Unauthorized("missing, invalid or expired job token")
-    run = await request.app.state.read_db.run(_run_of, job_id=job_id)
-    if run is None or run.attempts != claims.attempt:
+@dataclass(frozen=True)
+class WorkerRun:
+    """The run (attempt) of a job a worker's token speaks for."""
+
+    job_id: str
+    attempt: int
+
+
+def check_run(job_id: str, claimed_attempt: int, run: Any, *, active: bool) -> None:
+    """409 ``run_over`` unless ``run`` (a job's status and attempts) is still the claimed run,
+    and with ``active``, still running."""
+    if run is None or run.attempts != claimed_attempt:
         raise Conflict("this run of the job is over: a newer run replaced it", code="run_over")
     if active and run.status not in states.ACTIVE:
         raise Conflict(f"this run of the job is over: the job is {run.status}", code="run_over")
-    return job_id
+
+
+def lock_current_run(session: Session, run: WorkerRun) -> Job:
+    """The job, its row locked until the session commits, if ``run`` is still its current,
+    active run. The dependency's check was a separate read: a requeue, a newer run or a cancel
+    may have landed since, so every write re-checks here, under the lock those take too."""
+    job = session.scalars(select(Job).where(Job.id == run.job_id).with_for_update()).one_or_none()
+    check_run(run.job_id, run.attempt, job, active=True)
+    return job
+
+
+async def _current_run(request: Request, job_id: str, creds: Credentials, *, active: bool) -> WorkerRun:
+    """Checks a worker's token: signed for this job, unexpired, and of the job's current run
+    (attempt); with ``active``, also that the job still runs. A run that is over (requeued,
+    replaced by a newer run, or its job ended) may no longer report anything. A cheap early
+    refusal: the write routes re-check under a row lock (``lock_current_run``)."""
+    claims = job_token_claims(creds.credentials, request.app.state.settings) if creds else None
+    if claims is None or claims.job_id != job_id:
+        raise Unauthorized("missing, invalid or expired job token")
+    check_run(job_id, claims.attempt, await request.app.state.read_db.run(_run_of, job_id=job_id),
+              active=active)
+    return WorkerRun(job_id, claims.attempt)
 
 
 async def job_from_token(request: Request, job_id: Annotated[str, Path(max_length=64)],
-                         creds: Annotated[Credentials, Depends(_job_token)]) -> str:
-    """The job id of an internal route that reports on a run: its current run, still active."""
+                         creds: Annotated[Credentials, Depends(_job_token)]) -> WorkerRun:
+    """The run an internal route reports on: the job's current run, still active (writes
+    re-check it with ``lock_current_run``)."""
     return await _current_run(request, job_id, creds, active=True)
 
 
@@ -142,7 +168,7 @@ async def job_from_token_any_status(request: Request, job_id: Annotated[str, Pat
                                     creds: Annotated[Credentials, Depends(_job_token)]) -> str:
     """For the status poll: the current run may read its job's status after the job ended
     (that is how a worker learns it was cancelled)."""
-    return await _current_run(request, job_id, creds, active=False)
+    return (await _current_run(request, job_id, creds, active=False)).job_id
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -151,5 +177,5 @@ SessionDep = Annotated[Session, Depends(get_session)]
 ReadDB = Annotated[ReadDatabase, Depends(get_read_db)]
 CurrentTenant = Annotated[TenantPrincipal, Depends(current_tenant)]
 AdminDep = Depends(require_admin)
-JobIdFromToken = Annotated[str, Depends(job_from_token)]
+WorkerRunFromToken = Annotated[WorkerRun, Depends(job_from_token)]
 JobIdForStatusPoll = Annotated[str, Depends(job_from_token_any_status)]

@@ -14,6 +14,7 @@ import hmac
 import time
 
 import pytest
+import sqlalchemy as sa
 from api_helpers import assert_problem, create_job, job_row, publish_adapter, uploaded_file
 
 from service.db.models import Job
@@ -170,3 +171,45 @@ def test_tenant_failure_text_is_kept(client, tenant, run):
     assert r.status_code == 204
     error = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=tenant.headers).json()["error"]
     assert error["message"] == "line 3: messages is empty"
+
+
+@pytest.fixture
+def run_over_after_check(app, monkeypatch):
+    """``arm(job_id, change)``: right after the token dependency's read of the job (the run
+    still current), the job changes as the scheduler would change it in that window."""
+    armed: dict[str, dict] = {}
+    read = app.state.read_db.run
+
+    async def read_then_change(fn, /, **kwargs):
+        result = await read(fn, **kwargs)
+        change = armed.pop(kwargs.get("job_id"), None)
+        if fn.__name__ == "_run_of" and change is not None:
+            with app.state.session_factory() as s:
+                s.execute(sa.update(Job).where(Job.id == kwargs["job_id"]).values(**change))
+                s.commit()
+        return result
+
+    monkeypatch.setattr(app.state.read_db, "run", read_then_change)
+    return armed.__setitem__
+
+
+@pytest.mark.parametrize("change", ["requeued", "replaced"])
+@pytest.mark.parametrize("route", ["events", "checkpoints", "result", "failure"])
+def test_a_run_that_ends_between_check_and_write_writes_nothing(client, app, tenant, run,
+                                                                 run_over_after_check, route, change):
+    job_id, token = run
+    values = {"status": states.QUEUED} if change == "requeued" else {"attempts": CURRENT_ATTEMPT + 1}
+    body = _writes(app, job_id)[route]
+    if route == "result":
+        body = {"manifest_key": publish_adapter(app, job_id)}
+    before = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=tenant.headers).json()["data"]
+    run_over_after_check(job_id, values)
+    r = client.post(f"/internal/v1/jobs/{job_id}/{route}", json=body, headers=_bearer(token))
+    assert_problem(r, 409, "run_over")
+    job = job_row(app, job_id)
+    assert (job.status, job.attempts) == (values.get("status", states.RUNNING), values.get("attempts", CURRENT_ATTEMPT))
+    assert job.fine_tuned_model is None and job.error_code is None
+    after = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=tenant.headers).json()["data"]
+    assert after == before
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
+    assert checkpoints == []

@@ -14,10 +14,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field, field_validator
 
-from service.api.deps import JobIdForStatusPoll, JobIdFromToken, ReadDB, SessionDep, StoreDep
+from service.api.deps import JobIdForStatusPoll, ReadDB, SessionDep, StoreDep, WorkerRunFromToken, lock_current_run
 from service.api.schemas.common import Strict
 from service.api.schemas.jobs import CheckpointPublic
-from service.errors import InvalidTransition, ValidationFailed
+from service.errors import ValidationFailed
 from service.ids import now
 from service.jobs import repository as jobs
 from service.jobs import states
@@ -54,18 +54,15 @@ class JobStatus(BaseModel):
     status: Literal[states.JOB_STATUSES]  # type: ignore[valid-type]
 
 
-def _active_job(session, job_id: str, to_status: str):
-    """The job, if a run may report on it now: a stale run of a requeued or finished job may not."""
-    job = jobs.get_job(session, job_id=job_id)
-    if job.status not in states.ACTIVE:
-        raise InvalidTransition(job.id, job.status, to_status)
-    return job
+# Every write locks the job's row and re-checks that the token's run is still the current,
+# active one (lock_current_run): the check in the dependency was a separate read, and a requeue
+# or cancel landing in between must not let a stale run write. The lock is held to the commit.
 
 
 @router.post("/events", status_code=204)
-def post_events(job_id: JobIdFromToken, body: EventBatch, session: SessionDep) -> Response:
-    job = jobs.get_job(session, job_id=job_id)
-    jobs.add_events(session, job_id=job_id, events=[e.model_dump() for e in body.events])
+def post_events(run: WorkerRunFromToken, body: EventBatch, session: SessionDep) -> Response:
+    job = lock_current_run(session, run)
+    jobs.add_events(session, job_id=job.id, events=[e.model_dump() for e in body.events])
     # The latest ETA a worker reports becomes the job's estimated_finish.
     etas = [e.data["eta_s"] for e in body.events
             if e.type == "metrics" and e.data and isinstance(e.data.get("eta_s"), int | float)]
@@ -76,8 +73,8 @@ def post_events(job_id: JobIdFromToken, body: EventBatch, session: SessionDep) -
 
 
 @router.post("/checkpoints", status_code=201)
-def post_checkpoint(job_id: JobIdFromToken, body: CheckpointReport, session: SessionDep) -> CheckpointPublic:
-    job = _active_job(session, job_id, states.RUNNING)
+def post_checkpoint(run: WorkerRunFromToken, body: CheckpointReport, session: SessionDep) -> CheckpointPublic:
+    job = lock_current_run(session, run)
     if not body.key_prefix.startswith(checkpoint_prefix(job) + "/"):
         raise ValidationFailed(f"key_prefix must be under {checkpoint_prefix(job)}/", param="key_prefix")
     ckpt = jobs.add_checkpoint(session, job=job, step=body.step, key_prefix=body.key_prefix,
@@ -87,9 +84,11 @@ def post_checkpoint(job_id: JobIdFromToken, body: CheckpointReport, session: Ses
 
 
 @router.post("/result")
-def post_result(job_id: JobIdFromToken, body: TrainResult, session: SessionDep,
+def post_result(run: WorkerRunFromToken, body: TrainResult, session: SessionDep,
                 store: StoreDep) -> ResultAccepted:
-    job = jobs.get_job(session, job_id=job_id)
+    # The lock is held while the adapter files are verified (a cancel waits that long; the
+    # scheduler skips locked rows): a newer run must not start until this result is settled.
+    job = lock_current_run(session, run)
     adapter = commit_result(session, store, job, body)
     session.commit()
     if adapter is None:
@@ -99,11 +98,11 @@ def post_result(job_id: JobIdFromToken, body: TrainResult, session: SessionDep,
 
 
 @router.post("/failure", status_code=204)
-def post_failure(job_id: JobIdFromToken, body: FailureReport, session: SessionDep) -> Response:
-    job = _active_job(session, job_id, states.FAILED)
+def post_failure(run: WorkerRunFromToken, body: FailureReport, session: SessionDep) -> Response:
+    job = lock_current_run(session, run)
     # A platform failure's text comes from Ray, boto, torch...: our log keeps it, the tenant
     # reads our words (service.jobs.public_errors).
-    message = tenant_failure_message(job_id, body.code, body.message)
+    message = tenant_failure_message(job.id, body.code, body.message)
     states.transition(session, job, states.FAILED, error_code=body.code, error_message=message,
                       error_param=body.param, message=f"Job failed: {message}")
     session.commit()
