@@ -565,7 +565,7 @@ def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
         output_prefix=adapter_prefix(job), adapter_id=adapter_id_for(job),
         checkpoint_prefix=checkpoint_prefix(job),
         control_plane_url=settings.public_url,
-        job_token=job_token(job.id, job.attempts, settings, ttl_s=settings.job_token_ttl_s),
+        job_token=job_token(job.id, job.attempts, settings, ttl_s=settings.job_token_ttl_s, wall_clock_s=s.get(Tenant, job.tenant_id).max_job_wall_clock_s or settings.max_job_wall_clock_s),
         object_store_url=settings.effective_object_store_url,
     )
 

@@ -37,10 +37,21 @@ def _sign(body: str, settings: Settings) -> str:
     return hmac.new(secret, _CONTEXT + body.encode(), hashlib.sha256).hexdigest()
 
 
-def job_token(job_id: str, attempt: int, settings: Settings, *, ttl_s: int) -> str:
-    """The token of run ``attempt`` of ``job_id``, valid for ``ttl_s`` seconds from now."""
-    if attempt < 0 or ttl_s <= 0:
-        raise ValueError("attempt must be >= 0 and ttl_s > 0")
+# How long a token outlives its run's wall-clock limit: the scheduler notices a run past its
+# limit on its next pass, a result may be retried for 10 minutes (workers.train.report), and the
+# scheduler's and the API's clocks may differ a little.
+JOB_TOKEN_SLACK_S = 3600
+
+
+def job_token(job_id: str, attempt: int, settings: Settings, *, ttl_s: int,
+              wall_clock_s: int | None = None) -> str:
+    """The token of run ``attempt`` of ``job_id``, valid for ``ttl_s`` seconds from now, or for
+    the run's wall-clock limit ``wall_clock_s`` plus ``JOB_TOKEN_SLACK_S`` when that is sooner:
+    a leaked token is worth nothing once its run has had to end."""
+    if attempt < 0 or ttl_s <= 0 or (wall_clock_s is not None and wall_clock_s <= 0):
+        raise ValueError("attempt must be >= 0, ttl_s and wall_clock_s > 0")
+    if wall_clock_s is not None:
+        ttl_s = min(ttl_s, wall_clock_s + JOB_TOKEN_SLACK_S)
     body = f"{_VERSION}.{job_id}.{attempt}.{int(time.time()) + int(ttl_s)}"
     return f"{body}.{_sign(body, settings)}"
 

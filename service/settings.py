@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     # Signs job-scoped worker tokens. Generated per process unless set (set it in multi-replica deployments).
     internal_secret: SecretStr = Field(default_factory=lambda: SecretStr(secrets.token_urlsafe(32)))
     # How long a run's job token stays valid (it is also refused once its run is over). Generous:
-    # a resubmitted run gets a fresh one, Ray's own worker restarts reuse it.
+    # a resubmitted run gets a fresh one, Ray's own worker restarts reuse it. A run with a
+    # wall-clock limit gets no more than that limit + 1 h (service.security.JOB_TOKEN_SLACK_S).
     job_token_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     default_base_model: str = "lorafleet/tiny-llama"

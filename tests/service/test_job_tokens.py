@@ -17,11 +17,12 @@ import pytest
 import sqlalchemy as sa
 from api_helpers import assert_problem, create_job, job_row, publish_adapter, uploaded_file
 
-from service.db.models import Job
+from service.db.models import Job, Tenant
 from service.jobs import states
 from service.jobs.naming import checkpoint_prefix
 from service.jobs.public_errors import public_failure_message
-from service.security import job_token, job_token_claims
+from service.scheduler import build_spec
+from service.security import JOB_TOKEN_SLACK_S, job_token, job_token_claims
 from service.settings import Settings
 
 CURRENT_ATTEMPT = 2
@@ -213,3 +214,33 @@ def test_a_run_that_ends_between_check_and_write_writes_nothing(client, app, ten
     assert after == before
     checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
     assert checkpoints == []
+
+
+def test_a_token_lives_no_longer_than_its_runs_wall_clock_limit_and_slack():
+    settings = Settings(internal_secret="s1")
+    for wall_clock_s, expected in [(600, 600 + JOB_TOKEN_SLACK_S), (None, 7 * 86400), (30 * 86400, 7 * 86400)]:
+        before = int(time.time())
+        token = job_token("ftjob-abc", 1, settings, ttl_s=7 * 86400, wall_clock_s=wall_clock_s)
+        assert before + expected <= job_token_claims(token, settings).expires_at <= int(time.time()) + expected
+
+
+@pytest.mark.parametrize(("tenant_limit", "service_limit", "expected"), [
+    (1200, 86400, 1200 + JOB_TOKEN_SLACK_S),  # the tenant's own limit wins
+    (None, 7200, 7200 + JOB_TOKEN_SLACK_S),  # else the service's
+    (None, None, 7 * 86400),  # no limit at all: the token's own ttl
+])
+def test_the_schedulers_spec_carries_a_token_bounded_by_the_wall_clock_limit(
+        client, app, tenant, tenant_limit, service_limit, expected):
+    job_id = create_job(client, tenant, uploaded_file(client, tenant)).json()["id"]
+    settings = app.state.settings.model_copy(update={"max_job_wall_clock_s": service_limit,
+                                                     "job_token_ttl_s": 7 * 86400})
+    with app.state.session_factory() as s:
+        s.get(Tenant, tenant.id).max_job_wall_clock_s = tenant_limit
+        job = s.get(Job, job_id)
+        states.transition(s, job, states.RUNNING, attempts=1)
+        s.commit()
+        before = int(time.time())
+        spec = build_spec(s, job, settings)
+    claims = job_token_claims(spec.job_token, settings)
+    assert (claims.job_id, claims.attempt) == (job_id, 1)
+    assert before + expected <= claims.expires_at <= int(time.time()) + expected
