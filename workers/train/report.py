@@ -158,15 +158,21 @@ class HttpReporter:
         self._request("POST", "/failure", body, for_s=self._patience)
 
     def should_stop(self) -> bool:
-        """Polls the job status at most every ``status_interval`` seconds."""
+        """Polls the job status at most every ``status_interval`` seconds. Stops once this run is
+        over: the job is no longer running (cancelled, requeued, timed out...), the control plane
+        says so (409 ``run_over``: a newer run replaced this one), or it no longer takes our token
+        (401: expired or not ours). Anything else (5xx, 429, no answer) keeps training."""
         now = time.monotonic()
         if not self._stopping and now - self._last_status >= self._status_interval:
             self._last_status = now
             try:
                 resp = self._client.get("/status")
-                self._stopping = resp.is_success and resp.json().get("status") in ("cancelling", "cancelled")
+                self._stopping = _run_is_over(resp)
             except Exception as exc:  # noqa: BLE001 - a status poll failing must not stop training
                 log.warning("status poll failed: %s", exc)
+            if self._stopping:
+                log.warning("stopping: this run is over (status poll: HTTP %s %s)", resp.status_code,
+                            resp.text[:200])
         return self._stopping
 
     def close(self) -> None:
@@ -174,6 +180,22 @@ class HttpReporter:
         self._flusher.join(timeout=5)
         self.flush()
         self._client.close()
+
+
+def _run_is_over(resp) -> bool:
+    """What a status poll's answer says about this run (see HttpReporter.should_stop)."""
+    if resp.is_success:
+        # Only "running" lets a run go on: a run requeued (queued), or of a job that ended, is
+        # over; a later run of the job gets a new token.
+        return resp.json().get("status") != "running"
+    if resp.status_code == 401:
+        return True
+    if resp.status_code == 409:
+        try:
+            return resp.json().get("code") == "run_over"
+        except ValueError:
+            return False
+    return False
 
 
 def _retry_after(resp) -> float | None:

@@ -19,6 +19,7 @@ class Plane(BaseHTTPRequestHandler):
     fail_next = 0  # answer this many POSTs with 503 first
     fail_until = 0.0  # answer POSTs with 503 until this monotonic time
     retry_after: str | None = None  # sent with each 503
+    status_answer: tuple[int, dict] | None = None  # the status poll's answer, if not 200 {status}
 
     def _answer(self, code: int, body: dict | None = None, headers: dict | None = None):
         data = json.dumps(body).encode() if body is not None else b""
@@ -40,7 +41,7 @@ class Plane(BaseHTTPRequestHandler):
 
     def do_GET(self):
         Plane.log.append((self.path, self.headers["Authorization"], None, time.monotonic()))
-        self._answer(200, {"status": Plane.status})
+        self._answer(*(Plane.status_answer or (200, {"status": Plane.status})))
 
     def log_message(self, *args):
         pass
@@ -49,6 +50,7 @@ class Plane(BaseHTTPRequestHandler):
 @pytest.fixture
 def plane():
     Plane.log, Plane.status, Plane.fail_next, Plane.fail_until, Plane.retry_after = [], "running", 0, 0.0, None
+    Plane.status_answer = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), Plane)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -123,3 +125,17 @@ def test_failure_report_gives_up_after_its_patience():
         reporter.failure("internal_error", "x")
     assert 1.0 <= time.monotonic() - started <= 2.5  # kept trying past `attempts`, within the bound
     reporter.close()
+
+
+def test_only_an_answer_that_the_run_is_over_stops_it(plane):
+    """409 run_over, 401 and a status other than running stop the run (tests/service/
+    test_worker_stop.py drives the real routes); a busy or failing control plane does not."""
+    reporter = HttpReporter(plane, "ftjob-9", "t", flush_interval=60, attempts=1, status_interval=0)
+    try:
+        for answer in [(503, {}), (429, {}), (409, {"code": "conflict"}), (404, {"code": "not_found"})]:
+            Plane.status_answer = answer
+            assert reporter.should_stop() is False, answer
+        Plane.status_answer = (409, {"code": "run_over"})
+        assert reporter.should_stop() is True
+    finally:
+        reporter.close()
