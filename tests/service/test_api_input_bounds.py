@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -77,12 +78,71 @@ def server(tmp_path_factory):
             proc.wait(5)
 
 
-def _peak_rss(process: psutil.Process) -> int:
-    """The process's high-water mark of resident memory (VmHWM), in bytes."""
-    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+def _vm_hwm(pid: int) -> int:
+    """The kernel's high-water mark of the process's resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
+
+
+class RssGrowth:
+    """How far a process's resident memory rose above its level at entry, while in the block.
+
+    Not VmHWM alone: that is the peak since start-up, so a request staying under the start-up
+    peak would show no growth at all. At entry the kernel's peak is reset to the current RSS
+    (``5`` into /proc/<pid>/clear_refs), and a thread samples the current RSS every 2 ms as well
+    (for a kernel that refuses the reset); ``grown`` is the higher of the two peaks less the RSS
+    at entry."""
+
+    def __init__(self, process: psutil.Process):
+        self.process, self.grown = process, 0
+
+    def __enter__(self) -> RssGrowth:
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+            self._hwm_reset = True
+        except OSError:
+            self._hwm_reset = False
+        self._start = self._peak = self.process.memory_info().rss
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self._peak = max(self._peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._sampler.join(timeout=5)
+        peak = max(self._peak, self.process.memory_info().rss)
+        if self._hwm_reset:
+            peak = max(peak, _vm_hwm(self.process.pid))
+        self.grown = peak - self._start
+
+
+def test_rss_growth_sees_growth_below_the_start_up_peak():
+    """The measurement itself: a process that peaked at 300 MB while starting, then holds
+    80 MB more while measured, grew by 80 MB (its VmHWM did not move)."""
+    code = ("import sys, time\nb = bytearray(300 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\ndel b\n"
+            "print('ready', flush=True)\nsys.stdin.readline()\nc = bytearray(80 << 20)\n"
+            "for i in range(0, len(c), 4096): c[i] = 1\nprint('held', flush=True)\nsys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with RssGrowth(psutil.Process(child.pid)) as growth:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "held"
+        assert 70 * MB < growth.grown < 120 * MB, growth.grown / MB
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(timeout=10) == 0
+    finally:
+        child.kill()
+        child.wait(timeout=10)
 
 
 def _raw_request(url: str, head: str, body_bytes: int, *, chunked: bool, first: int = 2 * MB) -> bytes:
@@ -119,18 +179,18 @@ def _raw_request(url: str, head: str, body_bytes: int, *, chunked: bool, first: 
 def test_a_50mb_body_costs_the_server_under_50mb(server, case):
     url, process, key = server
     httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})  # warm: imports, pools
-    before = _peak_rss(process)
     size = 50 * MB
     auth = f"Authorization: Bearer {key}\r\n" if case.startswith("key") else ""
     framing = "Transfer-Encoding: chunked\r\n" if case.endswith("chunked") else f"Content-Length: {size}\r\n"
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}{framing}"
             "Content-Type: application/json\r\n\r\n")
-    reply = _raw_request(url, head, size, chunked=case.endswith("chunked"))
+    with RssGrowth(process) as growth:
+        reply = _raw_request(url, head, size, chunked=case.endswith("chunked"))
     expected = b"HTTP/1.1 401" if case.startswith("no_key") else b"HTTP/1.1 413"
     assert reply.startswith(expected), reply[:300]
     assert b"application/problem+json" in reply
-    grown = _peak_rss(process) - before
-    print(f"{case}: {reply[:12].decode()}, server peak RSS grew {grown / MB:.1f} MiB")
+    grown = growth.grown
+    print(f"{case}: {reply[:12].decode()}, server RSS rose {grown / MB:.1f} MiB above its level before")
     assert grown < 50 * MB, f"the server's peak RSS grew by {grown / MB:.1f} MiB"
     assert httpx.get(url + "/healthz").status_code == 200
 
