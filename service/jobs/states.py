@@ -7,10 +7,12 @@ starting a job the tenant just cancelled) loses with InvalidTransition instead o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import and_, insert, or_, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.errors import InvalidTransition
 from service.ids import now
@@ -54,12 +56,33 @@ def transition(session: Session, job: Any, to_status: str, *, message: str | Non
     Writes a ``status`` event. Raises InvalidTransition if the move is not declared above or if
     the row's status changed underneath us. Does not commit: the caller owns the transaction.
     """
+    if not transition_many(session, [job], to_status, message=message, **fields):
+        session.refresh(job)  # what the racing writer left: the error names it
+        raise InvalidTransition(job.id, job.status, to_status)
+
+
+def transition_many(session: Session, jobs: Sequence[Any], to_status: str, *,
+                    message: str | Callable[[Any], str] | None = None, **fields: Any) -> list[Any]:
+    """Move each of ``jobs`` to ``to_status`` in one UPDATE … RETURNING and one INSERT of events.
+
+    The batch form of ``transition`` (the scheduler starts a pass's jobs with it): every move is
+    checked against ALLOWED first, and InvalidTransition is raised before anything is written if
+    one is not declared. Each row is compare-and-set on the status its object holds; a job whose
+    row changed underneath us is left as it is and out of the returned list (the moved jobs, in
+    the order given), so one racing cancel does not undo the others. ``fields`` are set on every
+    moved row; a value may be an SQL expression of the row (``Job.attempts + 1``). ``message``
+    may be a function of the moved job. The objects get the values the database returned.
+    Does not commit: the caller owns the transaction.
+    """
     # Imported here: service.db.models imports this module for JOB_STATUSES.
     from service.db.models import Job, JobEventRow
 
-    from_status = job.status
-    if not can_transition(from_status, to_status):
-        raise InvalidTransition(job.id, from_status, to_status)
+    if not jobs:
+        return []
+    from_status = {job.id: job.status for job in jobs}
+    for job in jobs:
+        if not can_transition(from_status[job.id], to_status):
+            raise InvalidTransition(job.id, from_status[job.id], to_status)
     for name in fields:
         if name not in Job.__table__.c and name != "user_metadata":
             raise TypeError(f"Job has no column {name!r}")
@@ -69,18 +92,32 @@ def transition(session: Session, job: Any, to_status: str, *, message: str | Non
         values.setdefault("started_at", ts)
     if to_status in TERMINAL:
         values.setdefault("finished_at", ts)
-    result = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == from_status).values(**values)
-        .execution_options(synchronize_session="fetch")
-    )
-    if result.rowcount != 1:
-        session.refresh(job)
-        raise InvalidTransition(job.id, job.status, to_status)
-    session.refresh(job)
+    by_from: dict[str, list[str]] = {}
+    for job_id, status in from_status.items():
+        by_from.setdefault(status, []).append(job_id)
+    names = list(values)
+    # The objects are updated from RETURNING below, not by the ORM (it cannot evaluate an
+    # expression such as attempts + 1, and "fetch" would re-read every row).
+    returned = session.execute(
+        update(Job).where(or_(*(and_(Job.id.in_(ids), Job.status == status) for status, ids in by_from.items())))
+        .values(**values).returning(Job.id, *(getattr(Job, n) for n in names))
+        .execution_options(synchronize_session=False)
+    ).all()
+    moved_values = {row[0]: row[1:] for row in returned}
+    moved = [job for job in jobs if job.id in moved_values]
     level = "error" if to_status == FAILED else "info"
-    data: dict[str, Any] = {"from": from_status, "to": to_status}
-    if fields.get("error_code"):
-        data["error"] = {"code": fields["error_code"], "message": fields.get("error_message"),
-                         "param": fields.get("error_param")}
-    session.add(JobEventRow(job_id=job.id, created_at=ts, level=level, type="status",
-                            message=message or f"Job status: {to_status}", data=data))
+    error = ({"code": fields["error_code"], "message": fields.get("error_message"),
+              "param": fields.get("error_param")} if fields.get("error_code") else None)
+    events = []
+    for job in moved:
+        for name, value in zip(names, moved_values[job.id], strict=True):
+            set_committed_value(job, name, value)
+        data: dict[str, Any] = {"from": from_status[job.id], "to": to_status}
+        if error:
+            data["error"] = error
+        text = message(job) if callable(message) else message
+        events.append({"job_id": job.id, "created_at": ts, "level": level, "type": "status",
+                       "message": text or f"Job status: {to_status}", "data": data})
+    if events:
+        session.execute(insert(JobEventRow), events)
+    return moved
