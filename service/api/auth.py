@@ -7,12 +7,13 @@ replicas see the change within ``ttl_s``). API keys are only ever held as their 
 
 Keys carry a tag only we can make (service.security.api_key_tag): a key whose tag checks is
 always looked up, whatever its client address has spent, so a flood of junk from one address
-(or from everyone behind one proxy address) never locks a tenant out; a key with a bad tag, or
-of no shape we ever issued, is refused without a database query. Keys issued before tags are
+(or from everyone behind one proxy address) never locks a tenant out; a key of no shape we ever
+issued is refused without a database query. Keys issued before tags, and keys whose tag does not
+check (tagged under an earlier internal secret: rotating it must not lock every tenant out), are
 looked up while their address has failures left (``FailedAuthLimiter``): past that budget such
-an uncached key is refused with 429 before any query, so random keys in the old shape cost at
-most ``failed_auth_per_minute`` lookups per address and minute. Every failure counts against
-the address, so its 429 tells a client it is guessing.
+an uncached key is refused with 429 before any query, so junk in our shapes costs at most
+``failed_auth_per_minute`` lookups per address and minute. Every failure counts against the
+address, so its 429 tells a client it is guessing.
 """
 
 from __future__ import annotations
@@ -159,19 +160,19 @@ def client_address(scope: dict) -> str:
     return client[0] if client else "unknown"
 
 
-# The one shape of the keys issued before they carried a tag: "lf-" + secrets.token_urlsafe(32).
-_UNTAGGED_KEY = re.compile(r"lf-[A-Za-z0-9_-]{43}")
+# The shapes of the keys we issue: "lf-" + secrets.token_urlsafe(32), then ".<tag>" since tags.
+_KEY_SHAPE = re.compile(r"lf-[A-Za-z0-9_-]{43}(\.[0-9a-f]{16})?")
 
 
 async def authenticate_tenant(principals: PrincipalCache, limiter: FailedAuthLimiter,
                               token: str | None, address: str, settings: Settings) -> TenantPrincipal:
     """The tenant behind ``token``. A missing key, a forged one, or one in the cache (known good
     or known bad) costs nothing; an uncached key with our tag costs one database lookup, always;
-    an uncached untagged key costs one while ``address`` has failures left."""
+    an uncached key without a tag that checks costs one while ``address`` has failures left."""
     if token is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer lf-…'")
-    tagged = api_key_tag_checks(token, settings)
-    if tagged is False or (tagged is None and not _UNTAGGED_KEY.fullmatch(token)):
+    tagged = api_key_tag_checks(token, settings) is True
+    if not _KEY_SHAPE.fullmatch(token):
         limiter.check(address)  # a guessing address hears 429, as on the lookup path
         limiter.failed(address)
         raise Unauthorized("invalid or revoked API key")

@@ -2,8 +2,8 @@
 Ingress whose real addresses uvicorn was not told to trust) locks no tenant out.
 
 A key we issued carries a tag only we can make, so it is looked up whatever its address has
-spent; a forged tag, or a key of no shape we ever issued, is refused without a database query;
-keys issued before tags keep working through the budgeted lookup. The admin token is checked
+spent; a key of no shape we ever issued is refused without a database query; keys issued before
+tags, or tagged under an earlier internal secret, keep working through the budgeted lookup. The admin token is checked
 after the budget: a blocked address waits like anyone else.
 """
 
@@ -14,12 +14,14 @@ import secrets
 import uuid
 
 import pytest
+from pydantic import SecretStr
 import sqlalchemy as sa
 from api_helpers import ADMIN, assert_problem, new_tenant
 from fastapi.testclient import TestClient
 
 from service.db.models import ApiKey
 from service.ids import new_id, now
+from service.security import api_key_tag
 from service.main import create_app
 from service.tenants.repository import hash_key
 
@@ -81,7 +83,7 @@ def test_a_valid_key_is_accepted_from_an_address_out_of_failures(apps):
     assert attacker.get("/v1/files", headers=tenant.headers).status_code == 200
 
 
-def test_forged_or_unknown_shapes_are_refused_without_a_query(apps):
+def test_unknown_shapes_cost_no_query_and_bad_tags_only_the_budgeted_one(apps):
     attacker, operator = apps
     tenant = new_tenant(operator)
     body, _, tag = tenant.key.rpartition(".")
@@ -93,7 +95,22 @@ def test_forged_or_unknown_shapes_are_refused_without_a_query(apps):
     # They count as failures all the same: the address hears 429 once it has spent its budget.
     for r, (status, code) in zip(answers, [(401, "unauthorized")] * 5 + [(429, "too_many_auth_failures")] * 2):
         assert_problem(r, status, code)
-    assert queries == []
+    # A tag that does not check may be one made under an earlier internal secret: it is looked up,
+    # within the address's budget; the shapes we never issued are refused without a query.
+    assert len(queries) == 2
+
+
+def test_a_key_tagged_under_an_earlier_internal_secret_still_works_within_the_budget(apps):
+    attacker, operator = apps
+    tenant = new_tenant(operator)
+    body, _, _ = tenant.key.rpartition(".")
+    earlier = operator.app.state.settings.model_copy(update={"internal_secret": SecretStr("an-earlier-secret")})
+    rotated_key = f"{body}.{api_key_tag(body, earlier)}"
+    with operator.app.state.session_factory() as s:
+        s.add(ApiKey(id=new_id("key_"), tenant_id=tenant.id, name="rotated", key_hash=hash_key(rotated_key),
+                     prefix=rotated_key[:10], created_at=now(), revoked_at=None))
+        s.commit()
+    assert attacker.get("/v1/files", headers=_bearer(rotated_key)).status_code == 200
 
 
 def test_keys_issued_before_tags_still_work_within_the_budget(apps):
