@@ -289,10 +289,13 @@ class Scheduler:
             jobs = s.scalars(select(Job).where(Job.status == states.QUEUED, Job.attempts == 0,
                                                Job.created_at < now - wait)
                              .order_by(Job.id).limit(500).with_for_update(skip_locked=True)).all()
+            # One batched move per job size (the message names it), not a move per job.
+            by_need: dict[Capacity, list[Job]] = defaultdict(list)
             for job in jobs:
-                need = demand(job.resources)
-                states.transition(
-                    s, job, states.FAILED, error_code=INSUFFICIENT_RESOURCES, error_param="resources",
+                by_need[demand(job.resources)].append(job)
+            for need, batch in by_need.items():
+                states.transition_many(
+                    s, batch, states.FAILED, error_code=INSUFFICIENT_RESOURCES, error_param="resources",
                     error_message=f"The job waited longer than {wait} s (LORAFLEET_MAX_QUEUE_WAIT_S) "
                                   f"for {need.gpus:g} GPUs and {need.cpus:g} CPUs.",
                     message="Job failed: it waited too long for compute")
@@ -326,7 +329,8 @@ class Scheduler:
             need = {q.id: q.need for q in decided.start}
             started = states.transition_many(
                 s, [claimed[q.id] for q in decided.start if q.id in claimed], states.RUNNING,
-                attempts=Job.attempts + 1, message=lambda job: f"Job started (run {submission_id(job.id, job.attempts)})")
+                attempts=Job.attempts + 1,
+                message=lambda job: f"Job started (run {submission_id(job.id, job.attempts)})")
             for job in started:
                 # Usage is sampled once a tick: a run is charged at least one interval, so one
                 # that ends before the next tick still costs its tenant its turn.
@@ -421,15 +425,20 @@ class Scheduler:
                 continue
             heads[tenant_id].append(QueuedJob(job_id, tenant_id, need,
                                               tenant.max_job_wall_clock_s or self.settings.max_job_wall_clock_s))
-        for job_id, reason in never:  # a limit lowered since the job was queued
-            job = s.get(Job, job_id)
-            try:
-                states.transition(s, job, states.FAILED, error_code=INSUFFICIENT_RESOURCES,
-                                  error_param="resources", error_message=f"The job can never run: {reason}.",
-                                  message="Job failed: it asks for more compute than it may have")
-            except InvalidTransition:
-                pass
+        if never:  # a limit lowered since these jobs were queued
+            self._fail_never_runnable(s, dict(never))
         return tenants, heads
+
+    @staticmethod
+    def _fail_never_runnable(s: Session, reasons: dict[str, str]) -> None:
+        """Fail each job of ``reasons`` (job id → why it can never run): one read, one batched move per reason."""
+        by_reason: dict[str, list[Job]] = defaultdict(list)
+        for job in s.scalars(select(Job).where(Job.id.in_(reasons), Job.status == states.QUEUED)):
+            by_reason[reasons[job.id]].append(job)
+        for reason, batch in by_reason.items():
+            states.transition_many(s, batch, states.FAILED, error_code=INSUFFICIENT_RESOURCES,
+                                   error_param="resources", error_message=f"The job can never run: {reason}.",
+                                   message="Job failed: it asks for more compute than it may have")
 
     def _submit(self, job_id: str) -> None:
         with session_scope(self.sessions) as s:
