@@ -22,6 +22,10 @@ Figures: ``tick_p99_ms`` (wall time of one scheduler pass, including the starts 
 1-5 jobs; a job never started counts the whole horizon). Targets: tick p99 ≤ 100 ms,
 utilisation ≥ 0.9, Jain ≥ 0.9.
 
+Like ``python -m service.scheduler``, each row freezes the heap it was set up with
+(``service.scheduler.freeze_startup_heap``) before its first pass, so a full garbage collection
+walks what the passes made, not the workload's bookkeeping; ``--no-freeze`` measures without.
+
     python bench/scheduler_scale.py [--quick] [--json PATH] [--database-url URL]
 """
 
@@ -49,7 +53,7 @@ from service.db.models import Base, BaseModelRow, File, Job, Tenant  # noqa: E40
 from service.db.session import make_engine, make_session_factory, session_scope  # noqa: E402
 from service.ids import new_id  # noqa: E402
 from service.jobs import states  # noqa: E402
-from service.scheduler import Scheduler  # noqa: E402
+from service.scheduler import Scheduler, freeze_startup_heap  # noqa: E402
 from service.scheduling.policy import Capacity  # noqa: E402
 from service.scheduling.simulated import SimulatedCluster  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -182,7 +186,8 @@ def _fair_order(queued, load):
 
 
 # ------------------------------------------------------------------------------------ one run
-def run(name: str, scheduler_cls: type[Scheduler], scale: Scale, w: Workload, database_url: str) -> dict:
+def run(name: str, scheduler_cls: type[Scheduler], scale: Scale, w: Workload, database_url: str,
+        freeze: bool = True) -> dict:
     db = f"lf_bench_sched_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -193,7 +198,7 @@ def run(name: str, scheduler_cls: type[Scheduler], scale: Scale, w: Workload, da
         t_load = time.perf_counter()
         load(engine, w)
         load_s = time.perf_counter() - t_load
-        return _simulate(name, scheduler_cls, scale, w, engine, url) | {"load_s": round(load_s, 1)}
+        return _simulate(name, scheduler_cls, scale, w, engine, url, freeze) | {"load_s": round(load_s, 1)}
     finally:
         engine.dispose()
         with admin.connect() as conn:
@@ -201,7 +206,7 @@ def run(name: str, scheduler_cls: type[Scheduler], scale: Scale, w: Workload, da
         admin.dispose()
 
 
-def _simulate(name, scheduler_cls, scale, w, engine, url) -> dict:
+def _simulate(name, scheduler_cls, scale, w, engine, url, freeze) -> dict:
     duration = {j: d for j, _, _, d in w.jobs}
     tenant_of = {j: t for j, t, _, _ in w.jobs}
     sessions = make_session_factory(engine)
@@ -220,6 +225,8 @@ def _simulate(name, scheduler_cls, scale, w, engine, url) -> dict:
     settings = Settings(database_url=url, scheduler_interval_s=scale.tick_s, max_ray_jobs_in_flight=scale.gpus,
                         max_queue_wait_s=None)
     sched = scheduler_cls(settings, engine, cluster, clock=lambda: cluster.now)
+    if freeze:
+        freeze_startup_heap()  # as service.scheduler.main does once it is set up
     ticks_ms = []
     t_wall = time.perf_counter()
     try:
@@ -280,13 +287,15 @@ def main() -> None:
     parser.add_argument("--json", help="write results to this path")
     parser.add_argument("--database-url", default=PG_URL, help="a PostgreSQL server (a database is created per row)")
     parser.add_argument("--only", choices=("baseline", "ours"), help="run one row (no ratios)")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave the setup's objects to the garbage collector (service.scheduler.main freezes them)")
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
     w = make_workload(scale)
     print(f"scheduler_scale: {scale.gpus} GPUs, {scale.tenants} tenants, {len(w.jobs)} queued jobs, "
           f"{scale.horizon_s / 3600:.0f} h simulated, a pass every {scale.tick_s:.0f} s", flush=True)
     policies = {"baseline": BaselineScheduler, "ours": Scheduler}
-    rows = [run(name, cls, scale, w, args.database_url) for name, cls in policies.items()
+    rows = [run(name, cls, scale, w, args.database_url, not args.no_freeze) for name, cls in policies.items()
             if args.only in (None, name)]
     base, ours = (rows * 2)[:2] if args.only else rows
     keys = ("tick_p50_ms", "tick_p99_ms", "gpu_utilization", "fairness_jain", "small_tenant_wait_p50_s",
@@ -304,7 +313,8 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"bench": "scheduler_scale", "quick": args.quick,
-                                               "scale": scale.__dict__, "rows": rows, "figures": figures,
+                                               "scale": scale.__dict__, "gc_frozen": not args.no_freeze,
+                                               "rows": rows, "figures": figures,
                                                "targets_met": targets}, indent=2))
 
 

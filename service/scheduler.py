@@ -16,6 +16,7 @@ Run it inside the embedded server (a thread) or alone: ``python -m service.sched
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import math
 import threading
@@ -580,6 +581,16 @@ def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
     )
 
 
+def freeze_startup_heap() -> None:
+    """Put what the process holds now (modules, settings, the engine: what startup made) out of
+    the garbage collector's reach. A full collection walks every tracked object: at 1,000
+    tenants it paused a pass ~50 ms (the slowest 1 % of passes were all such pauses); after
+    this it walks only what the passes made since (a few ms). The cost: a reference cycle among
+    these objects is never freed, which startup objects, alive for good, do not form."""
+    gc.collect()
+    gc.freeze()
+
+
 def main() -> None:  # pragma: no cover - the process entry point; tests drive Scheduler.tick
     from service.db.session import engine_from_settings
     from service.settings import get_settings
@@ -590,6 +601,7 @@ def main() -> None:  # pragma: no cover - the process entry point; tests drive S
         raise SystemExit("LORAFLEET_RAY_ADDRESS (the Ray dashboard URL) is required for the scheduler")
     launcher = RayJobLauncher(settings.ray_address, entrypoint=settings.train_entrypoint)
     scheduler = Scheduler(settings, engine_from_settings(settings), launcher)
+    freeze_startup_heap()
     stop = threading.Event()
     try:
         scheduler.run_forever(stop)
