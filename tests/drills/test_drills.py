@@ -152,11 +152,13 @@ def test_b_s3_cut_during_publish_and_during_result_verification(drill):
     plane reads the manifest to verify the result: the job still succeeds, once, with its files."""
     stack, s3, store = drill["stack"], drill["s3"], drill["store"]
     client = stack.tenant("drill-b")
-    job_id = create(client, upload(client))
-    wait_until("the run to report progress", lambda: has_progress(client, job_id), 300)
+    # Armed before the job exists (a short run may publish before any poll sees it train). They
+    # fire in order: nothing PUTs under adapters/ before the publish, and the manifest GET is armed
+    # only once that cut has fired (the run's own "already published?" check is a HEAD before it).
     s3.fired.clear()
     s3.cut_when(rb"PUT [^ ]*/adapters/[^ ]*/adapter_model\.safetensors", 3.0)  # the worker publishing
     s3.cut_when(rb"GET [^ ]*/adapters/[^ ]*/manifest\.json", 3.0)  # the control plane verifying
+    job_id = create(client, upload(client))
     seen = []
 
     def watch():  # never `succeeded` without the files in the store
@@ -182,13 +184,15 @@ def test_c_api_down_while_a_run_finishes(drill):
     finishes: the run keeps its result and hands it in when the API is back; nothing retrains."""
     stack, store = drill["stack"], drill["store"]
     client = stack.tenant("drill-c")
-    job_id = create(client, upload(client))
+    job_id = create(client, upload(client), n_epochs=6)  # ~24 steps: still training at the kill
     wait_until("the run to report progress", lambda: has_progress(client, job_id), 300)
     stack.kill9()
     down_at = time.monotonic()
 
     def manifests() -> set[str]:
         return {k for k in store.list(f"tenants/{client.tenant_id}/adapters/") if k.endswith("/manifest.json")}
+
+    assert not manifests(), "the run had already finished when the control plane went down"
 
     # The run finishes while nobody answers: its manifest lands in the store.
     published = wait_until("the run to publish its adapter", manifests, API_DOWN_S)
@@ -212,14 +216,20 @@ def test_d_control_plane_killed_with_running_and_queued_jobs(drill):
     stack, store = drill["stack"], drill["store"]
     client = stack.tenant("drill-d")  # max 2 concurrent jobs per tenant (the stack's default)
     file_id = upload(client)
-    jobs = [create(client, file_id) for _ in range(4)]
+    jobs = [create(client, file_id, n_epochs=3) for _ in range(4)]  # ~12 steps: a wide window to kill in
+
+    seen: list[dict] = []
 
     def two_running_two_queued():  # and training under way: before the first run ends
         now = {j: status(client, j) for j in jobs}
+        seen.append(dict(Counter(now.values())))
         going = Counter(now.values()) == {"running": 2, "queued": 2}
         return now if going and any(has_progress(client, j) for j in jobs if now[j] == "running") else None
 
-    before = wait_until("2 runs training and 2 jobs queued", two_running_two_queued, 300)
+    try:
+        before = wait_until("2 runs training and 2 jobs queued", two_running_two_queued, 300)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last states {seen[-3:]}\n{server_log(stack)[-3000:]}") from None
     stack.kill9()
     time.sleep(2)
     stack.start()

@@ -23,6 +23,7 @@ from workers.spec import CheckpointReport, JobEvent, TrainResult
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 15.0  # between two tries of one request, jitter and Retry-After included
+MAX_EVENT_BATCH = 1000  # what POST /internal/v1/jobs/{id}/events takes at once
 
 
 class Reporter(Protocol):
@@ -79,8 +80,10 @@ class HttpReporter:
                                     headers={"Authorization": f"Bearer {job_token}"}, timeout=timeout)
         self._attempts, self._backoff, self._patience = attempts, backoff, outcome_patience_s
         self._status_interval, self._last_status, self._stopping = status_interval, 0.0, False
-        self._buffer: list[dict] = []
-        self._lock = threading.Lock()
+        # ("event" | "checkpoint", body) not yet delivered, in the order the run made them
+        self._queue: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()  # guards the queue; never held while sending
+        self._sending = threading.Lock()  # one sender at a time, so the order holds
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,), daemon=True)
         self._flusher.start()
@@ -123,37 +126,51 @@ class HttpReporter:
         while not self._closed.wait(interval):
             self.flush()
 
-    def flush(self) -> None:
-        with self._lock:
-            if not self._buffer:
-                return
-            batch = self._buffer[:]
-            try:
-                self._request("POST", "/events", {"events": batch})
-            except ConnectionError as exc:
-                log.warning("events not delivered yet: %s", exc)
-                return
-            del self._buffer[: len(batch)]
+    def flush(self, for_s: float | None = None) -> bool:
+        """Delivers what is queued, in order: runs of events as one batch each, checkpoint
+        reports one by one. Never holds the queue's lock while sending: a control plane that is
+        down must not block the training thread's event() or checkpoint() (the checkpoint itself
+        is in the store either way). True when nothing is left to deliver."""
+        with self._sending:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        return True
+                    kind = self._queue[0][0]
+                    count = 1
+                    if kind == "event":
+                        while (count < len(self._queue) and count < MAX_EVENT_BATCH
+                               and self._queue[count][0] == "event"):
+                            count += 1
+                    bodies = [body for _, body in self._queue[:count]]
+                try:  # any answer settles it (a 409 for a run that is over included)
+                    if kind == "event":
+                        self._request("POST", "/events", {"events": bodies}, for_s=for_s)
+                    else:
+                        self._request("POST", "/checkpoints", bodies[0], for_s=for_s)
+                except ConnectionError as exc:
+                    log.warning("progress not delivered yet (kept for the next flush): %s", exc)
+                    return False
+                with self._lock:
+                    del self._queue[:count]
 
     def event(self, event: JobEvent) -> None:
         with self._lock:
-            self._buffer.append(event.model_dump(mode="json", exclude_none=True))
+            self._queue.append(("event", event.model_dump(mode="json", exclude_none=True)))
 
     def checkpoint(self, report: CheckpointReport) -> None:
-        self.flush()
-        try:
-            self._request("POST", "/checkpoints", report.model_dump(mode="json"))
-        except ConnectionError as exc:  # the checkpoint is in the store either way
-            log.warning("checkpoint not reported: %s", exc)
+        """Queued for the background flush, after the events before it."""
+        with self._lock:
+            self._queue.append(("checkpoint", report.model_dump(mode="json")))
 
     def result(self, result: TrainResult) -> dict:
-        self.flush()
+        self.flush(for_s=self._patience)  # progress and checkpoints before the result that ends them
         resp = self._request("POST", "/result", result.model_dump(mode="json"), for_s=self._patience)
         resp.raise_for_status()
         return resp.json()
 
     def failure(self, code: str, message: str, param: str | None = None) -> None:
-        self.flush()
+        self.flush(for_s=self._patience)
         body = {"code": code, "message": message} | ({"param": param} if param else {})
         self._request("POST", "/failure", body, for_s=self._patience)
 

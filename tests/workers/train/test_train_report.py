@@ -76,6 +76,7 @@ def test_posts_retry_5xx_and_status_poll_notices_cancelling(plane):
     Plane.fail_next = 2
     assert reporter.result(TrainResult(manifest_key="k/manifest.json", metrics={"eval_loss": 1.0})) == {"adapter_id": "ft-a"}
     reporter.checkpoint(CheckpointReport(step=4, key_prefix="k/step-000004"))
+    assert reporter.flush() is True  # queued for the background flush; sent here at once
     reporter.failure("training_diverged", "loss became nan", "learning_rate")
     posted = [(p.rsplit("/", 1)[1], b) for p, auth, b, _ in Plane.log if auth != "503" and b is not None]
     assert posted[0] == ("result", {"manifest_key": "k/manifest.json", "metrics": {"eval_loss": 1.0}})
@@ -95,6 +96,33 @@ def test_unreachable_control_plane_never_stops_training():
     reporter.flush()  # kept for the next flush
     assert time.monotonic() - started < 2  # progress gives up after `attempts` quick tries
     assert reporter.should_stop() is False  # a failing poll never stops training
+    reporter.close()
+
+
+def test_an_outage_never_blocks_the_training_thread_and_order_survives_it(plane):
+    """While the flusher is stuck retrying, event() and checkpoint() return at once; after the
+    outage everything arrives, events before the checkpoint that followed them."""
+    reporter = HttpReporter(plane, "ftjob-6", "t", flush_interval=0.05, attempts=1000, backoff=0.05)
+    Plane.fail_until = time.monotonic() + 2.0
+    slowest = 0.0
+    for step in range(20):
+        started = time.monotonic()
+        reporter.event(JobEvent(message=f"step {step}", type="metrics", data={"step": step}))
+        if step % 5 == 4:
+            reporter.checkpoint(CheckpointReport(step=step, key_prefix=f"k/step-{step:06d}"))
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    assert slowest < 0.02, slowest  # the old flush held the buffer's lock through its retries
+    deadline = time.monotonic() + 10
+    while reporter.flush() is not True and time.monotonic() < deadline:
+        time.sleep(0.1)
+    delivered = [(p.rsplit("/", 1)[1], b) for p, auth, b, _ in Plane.log if auth != "503" and b is not None]
+    order = [("step", e["data"]["step"]) if kind == "events" else ("checkpoint", b["step"])
+             for kind, b in delivered for e in (b["events"] if kind == "events" else [None])]
+    assert [x for x in order if x[0] == "step"] == [("step", i) for i in range(20)]
+    assert [x[1] for x in order if x[0] == "checkpoint"] == [4, 9, 14, 19]
+    for ckpt_step in (4, 9, 14, 19):  # every event up to a checkpoint arrived before it
+        assert order.index(("step", ckpt_step)) < order.index(("checkpoint", ckpt_step))
     reporter.close()
 
 
