@@ -137,28 +137,40 @@ def _cluster_cpus(url: str, token: str | None) -> float:
         return 0.0
 
 
-# Run as `sh -c _PRIVATE_FS sh HOME [KEEP...] -- CMD...` in a new mount namespace: empty tmpfs
-# over HOME and /tmp, except the folders HOME/KEEP (the Python install, when under HOME) bound back.
+# Run as `sh -c _PRIVATE_FS sh ROOT N KEEP1..KEEPN [ROOT N KEEP...] -- CMD...` in a new mount
+# namespace: an empty tmpfs over each ROOT (HOME, /tmp), except its top folders KEEP bound back
+# (the Python install and this code, where they live under a ROOT — a CI clone may sit in /tmp).
 _PRIVATE_FS = """set -e
-home=$1; shift
-old=$(mktemp -d /tmp/lf-home-XXXXXX)
-mount --bind "$home" "$old"
-mount -t tmpfs lf-home "$home"
 while [ "$1" != "--" ]; do
-  mkdir -p "$home/$1"; mount --bind "$old/$1" "$home/$1"; shift
+  root=$1; n=$2; shift 2
+  old=$(mktemp -d /dev/shm/lf-keep-XXXXXX)
+  mount --bind "$root" "$old"
+  mount -t tmpfs lf-private "$root"
+  while [ "$n" -gt 0 ]; do
+    mkdir -p "$root/$1"; mount --bind "$old/$1" "$root/$1"; shift; n=$((n - 1))
+  done
+  umount -l "$old"; rmdir "$old"
 done
 shift
-umount -l "$old"; rmdir "$old"
-mount -t tmpfs lf-tmp /tmp
 exec "$@"
 """
 
 
-def _home_folders_of_python() -> list[str]:
-    """The top folders under HOME that hold this interpreter (pyenv's install, a venv)."""
-    home = Path.home().resolve()
-    prefixes = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.executable).resolve()}
-    return sorted({p.relative_to(home).parts[0] for p in prefixes if p.is_relative_to(home) and p != home})
+def _kept_top_folders(root: Path) -> list[str]:
+    """The top folders under ``root`` that hold this interpreter (pyenv's install, a venv) or
+    this code (an editable install's source tree)."""
+    root = root.resolve()
+    code = Path(__file__).resolve().parents[1]
+    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.executable).resolve(), code}
+    return sorted({p.relative_to(root).parts[0] for p in paths if p.is_relative_to(root) and p != root})
+
+
+def _private_fs_args() -> list[str]:
+    args: list[str] = []
+    for root in (Path.home(), Path("/tmp")):
+        keep = _kept_top_folders(root)
+        args += [str(root), str(len(keep)), *keep]
+    return args
 
 
 def join_local_ray(head: dict, *, num_cpus: int, resources: dict[str, float] | None = None,
@@ -186,7 +198,7 @@ def join_local_ray(head: dict, *, num_cpus: int, resources: dict[str, float] | N
         node.pop("RAY_AUTH_TOKEN_PATH")
         node["RAY_AUTH_TOKEN"] = token
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_FS, "sh",
-               str(Path.home()), *_home_folders_of_python(), "--", *ray_cmd]
+               *_private_fs_args(), "--", *ray_cmd]
     else:
         cmd = ray_cmd
     proc = subprocess.run(cmd, env=node, capture_output=True, text=True, timeout=timeout)

@@ -73,7 +73,8 @@ class NullReporter(MemoryReporter):
 class HttpReporter:
     def __init__(self, control_plane_url: str, job_id: str, job_token: str, *,
                  flush_interval: float = 1.0, attempts: int = 5, backoff: float = 0.5,
-                 status_interval: float = 2.0, timeout: float = 10.0, outcome_patience_s: float = 600.0):
+                 status_interval: float = 2.0, timeout: float = 10.0, outcome_patience_s: float = 600.0,
+                 checkpoint_wait_s: float = 2.0):
         import httpx
 
         self._client = httpx.Client(base_url=f"{control_plane_url.rstrip('/')}/internal/v1/jobs/{job_id}",
@@ -84,6 +85,10 @@ class HttpReporter:
         self._queue: list[tuple[str, dict]] = []
         self._lock = threading.Lock()  # guards the queue; never held while sending
         self._sending = threading.Lock()  # one sender at a time, so the order holds
+        self._delivered = threading.Condition(self._lock)  # a checkpoint report was settled
+        self._checkpoints_queued = self._checkpoints_settled = self._failed_flushes = 0
+        self._checkpoint_wait_s = checkpoint_wait_s
+        self._wake = threading.Event()
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,), daemon=True)
         self._flusher.start()
@@ -123,8 +128,11 @@ class HttpReporter:
             time.sleep(wait)
 
     def _flush_loop(self, interval: float) -> None:
-        while not self._closed.wait(interval):
-            self.flush()
+        while not self._closed.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if not self._closed.is_set():
+                self.flush()
 
     def flush(self, for_s: float | None = None) -> bool:
         """Delivers what is queued, in order: runs of events as one batch each, checkpoint
@@ -150,18 +158,32 @@ class HttpReporter:
                         self._request("POST", "/checkpoints", bodies[0], for_s=for_s)
                 except ConnectionError as exc:
                     log.warning("progress not delivered yet (kept for the next flush): %s", exc)
+                    with self._lock:
+                        self._failed_flushes += 1
+                        self._delivered.notify_all()
                     return False
                 with self._lock:
                     del self._queue[:count]
+                    if kind == "checkpoint":
+                        self._checkpoints_settled += 1
+                        self._delivered.notify_all()
 
     def event(self, event: JobEvent) -> None:
         with self._lock:
             self._queue.append(("event", event.model_dump(mode="json", exclude_none=True)))
 
     def checkpoint(self, report: CheckpointReport) -> None:
-        """Queued for the background flush, after the events before it."""
+        """Queued after the events before it and sent by the background flush at once; waits up
+        to ``checkpoint_wait_s`` for the control plane to take it (so a run killed right after a
+        checkpoint has reported it), less when a flush gives up: an outage must not stall training."""
         with self._lock:
             self._queue.append(("checkpoint", report.model_dump(mode="json")))
+            self._checkpoints_queued += 1
+            mine, failed = self._checkpoints_queued, self._failed_flushes
+        self._wake.set()
+        with self._delivered:  # until it is taken, or a flush gave up, or the wait is over
+            self._delivered.wait_for(lambda: self._checkpoints_settled >= mine or self._failed_flushes > failed,
+                                     timeout=self._checkpoint_wait_s)
 
     def result(self, result: TrainResult) -> dict:
         self.flush(for_s=self._patience)  # progress and checkpoints before the result that ends them
@@ -194,6 +216,7 @@ class HttpReporter:
 
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
         self._flusher.join(timeout=5)
         self.flush()
         self._client.close()
