@@ -84,9 +84,10 @@ def is_valid_job_token(token: str, job_id: str, settings: Settings) -> bool:
 
 # Tenant API keys carry a tag: ``lf-<body>.<tag>``, the tag a truncated HMAC (internal_secret) of
 # the body. Only we can make a key whose tag checks, so such a key is always worth its database
-# lookup, whatever a client address has spent on failures; a key whose tag does not check is
-# refused with no query at all. 64 bits: forging one tag costs 2**63 tries on average, to buy
-# one database lookup. Rotating the internal secret invalidates every tagged key (see README).
+# lookup, whatever a client address has spent on failures. A key whose tag does not check (a
+# forgery, or one tagged under an earlier internal secret) is looked up only within its address's
+# failed-auth budget (service.api.auth), so rotating the secret locks no tenant out. 64 bits:
+# forging one tag costs 2**63 tries on average, to buy one database lookup.
 _API_KEY_CONTEXT = b"api-key\n"
 API_KEY_TAG_CHARS = 16
 _TAG_ALPHABET = frozenset("0123456789abcdef")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pg_databases import PG_URL, fresh_pg_database, url_of
+
 from workers.local_ray import auth_env, ensure_token, free_port, start_local_ray, stop_local_ray
 from workers.storage import LocalStore, S3Store
 
@@ -22,8 +24,6 @@ from workers.storage import LocalStore, S3Store
 RAY_STATE_DIR = Path(tempfile.mkdtemp(prefix="lf-test-ray-"))
 os.environ.update(auth_env(RAY_STATE_DIR / "auth_token"))
 ensure_token(RAY_STATE_DIR / "auth_token")
-
-PG_URL = os.environ.get("LORAFLEET_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def _pg_reachable() -> bool:
@@ -108,18 +108,8 @@ def database_url(request, tmp_path: Path) -> str:
         return
     if not PG_OK:
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
-    import sqlalchemy as sa
-
-    name = f"lf_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    sa.create_engine(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_pg_database() as name:
+        yield url_of(name)
 
 
 @pytest.fixture(scope="session")

@@ -5,22 +5,20 @@ whose nodes hold the object store's credentials (as the Ray pods do in a deploym
 from __future__ import annotations
 
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 HERE = Path(__file__).parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "e2e")]  # faultproxy, drill helpers; e2e's Stack
 
 from e2e_stack import Stack  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
+from pg_databases import PG, fresh_pg_database, url_of  # noqa: E402
 
 from workers.local_ray import start_local_ray, stop_local_ray  # noqa: E402
 from workers.storage import S3Store  # noqa: E402
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BUCKET = "drills"
 
 
@@ -44,15 +42,13 @@ def _start_ray(state_dir: Path, env: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def drill(tmp_path_factory, s3_endpoint):
-    name = f"lf_drill_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError:
-        pytest.skip("the drills need PostgreSQL at 127.0.0.1:5432")
+    with fresh_pg_database("lf_drill") as name:
+        yield from _drill_stack(name, tmp_path_factory, s3_endpoint)
+
+
+def _drill_stack(name: str, tmp_path_factory, s3_endpoint):
     S3Store(BUCKET, endpoint_url=s3_endpoint, access_key_id="test", secret_access_key="test").ensure_bucket()
-    pg = FaultProxy(5432)
+    pg = FaultProxy(PG.port or 5432, PG.host or "127.0.0.1")
     s3 = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     s3_url = f"http://127.0.0.1:{s3.port}"
     root = tmp_path_factory.mktemp("drill")
@@ -61,7 +57,7 @@ def drill(tmp_path_factory, s3_endpoint):
     (root / "data").mkdir()
     stack = Stack(root / "data", ray["dashboard"])
     stack.env |= {
-        "LORAFLEET_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/{name}",
+        "LORAFLEET_DATABASE_URL": url_of(name, port=pg.port),
         "LORAFLEET_OBJECT_STORE_URL": f"s3://{BUCKET}/lorafleet", "LORAFLEET_S3_ENDPOINT_URL": s3_url,
         "LORAFLEET_S3_ACCESS_KEY_ID": "test", "LORAFLEET_S3_SECRET_ACCESS_KEY": "test",
         "RAY_AUTH_TOKEN_PATH": ray["token_path"], "LORAFLEET_SCHEDULER_INTERVAL_S": "0.5",
@@ -77,6 +73,3 @@ def drill(tmp_path_factory, s3_endpoint):
         stop_local_ray(ray)
         pg.close()
         s3.close()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

@@ -8,22 +8,23 @@ import time
 import pytest
 import sqlalchemy as sa
 from faultproxy import FaultProxy  # tests/drills is on sys.path (conftest.py)
+from pg_databases import PG, PG_URL, url_of
 
 from service.db.session import make_engine
 from service.scheduler import LeaderLock
 
 pytestmark = pytest.mark.postgres
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:{port}/test"
-
-
 @pytest.fixture
 def pg_proxy():
+    probe = make_engine(PG_URL, connect_timeout_s=3)
     try:
-        _one(make_engine(PG.format(port=5432), connect_timeout_s=3))
+        _one(probe)
     except sa.exc.OperationalError:
-        pytest.skip("needs PostgreSQL at 127.0.0.1:5432")
-    proxy = FaultProxy(5432)
+        pytest.skip(f"needs PostgreSQL at {PG_URL}")
+    finally:
+        probe.dispose()
+    proxy = FaultProxy(PG.port or 5432, PG.host or "127.0.0.1")
     yield proxy
     proxy.close()
 
@@ -34,7 +35,7 @@ def _one(engine) -> int:
 
 
 def test_cut_refuses_and_resets_then_restore_recovers(pg_proxy):
-    engine = make_engine(PG.format(port=pg_proxy.port), connect_timeout_s=2)
+    engine = make_engine(url_of(PG.database, port=pg_proxy.port), connect_timeout_s=2)
     held = engine.connect()
     assert held.execute(sa.text("select 1")).scalar() == 1
     pg_proxy.cut()
@@ -53,8 +54,8 @@ def test_cut_refuses_and_resets_then_restore_recovers(pg_proxy):
 def test_leader_loses_its_lock_within_seconds_when_its_connection_dies(pg_proxy):
     """The advisory lock lives on the leader's connection: once that dies, another scheduler
     takes over within seconds, and the old leader knows it no longer leads."""
-    key_engine = make_engine(PG.format(port=pg_proxy.port), connect_timeout_s=2)
-    direct = make_engine(PG.format(port=5432))
+    key_engine = make_engine(url_of(PG.database, port=pg_proxy.port), connect_timeout_s=2)
+    direct = make_engine(PG_URL)
     leader = LeaderLock(key_engine)
     rival = LeaderLock(direct)
     try:
@@ -80,7 +81,7 @@ def test_a_silent_peer_is_dropped_within_seconds_on_both_ends(pg_proxy):
     server keeps a dead leader's session (and its advisory lock): seconds, not the kernel's 2 h."""
     from service.db.session import KEEPALIVE_COUNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S
 
-    engine = make_engine(PG.format(port=pg_proxy.port))
+    engine = make_engine(url_of(PG.database, port=pg_proxy.port))
     with engine.connect() as conn:
         server = {k: conn.execute(sa.text(f"SHOW {k}")).scalar()
                   for k in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}

@@ -9,39 +9,33 @@ import uuid
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "service"))  # api_helpers; faultproxy: conftest.py
 
-from api_helpers import ADMIN, assert_problem, create_job, make_settings, new_tenant, publish_adapter, uploaded_file  # noqa: E402
+from api_helpers import ADMIN, assert_problem, create_job, make_settings, new_tenant, publish_adapter, running_job, uploaded_file  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
+from pg_databases import PG, fresh_pg_database, url_of  # noqa: E402
 
-from service.db.models import Job  # noqa: E402
-from service.jobs import states  # noqa: E402
 from service.main import create_app  # noqa: E402
-from service.security import job_token  # noqa: E402
 from workers.storage import S3Store  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(scope="module")
 def cut_app(tmp_path_factory, s3_endpoint):
     """The API on Postgres and S3, each through a FaultProxy."""
-    name = f"lf_outage_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError:
-        pytest.skip("needs PostgreSQL at 127.0.0.1:5432")
+    with fresh_pg_database("lf_outage") as name:
+        yield from _cut_app(name, tmp_path_factory, s3_endpoint)
+
+
+def _cut_app(name: str, tmp_path_factory, s3_endpoint):
     bucket = f"outage-{uuid.uuid4().hex[:8]}"
     S3Store(bucket, endpoint_url=s3_endpoint, access_key_id="test", secret_access_key="test").ensure_bucket()
-    pg, s3 = FaultProxy(5432), FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    pg, s3 = FaultProxy(PG.port or 5432, PG.host or "127.0.0.1"), FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     settings = make_settings(tmp_path_factory.mktemp("outage"),
-                             f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/{name}",
+                             url_of(name, port=pg.port),
                              object_store_url=f"s3://{bucket}/lf", s3_endpoint_url=f"http://127.0.0.1:{s3.port}",
                              s3_access_key_id="test", s3_secret_access_key="test", db_connect_timeout_s=2)
     try:
@@ -50,19 +44,11 @@ def cut_app(tmp_path_factory, s3_endpoint):
     finally:
         pg.close()
         s3.close()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _running_job(client):
     tenant = new_tenant(client)
-    job_id = create_job(client, tenant, uploaded_file(client, tenant)).json()["id"]
-    app = client.app
-    with app.state.session_factory() as s:
-        states.transition(s, s.get(Job, job_id), states.RUNNING)
-        s.commit()
-    token = job_token(job_id, 0, app.state.settings, ttl_s=3600)
+    job_id, token = running_job(client, client.app, tenant)
     return tenant, job_id, {"Authorization": f"Bearer {token}"}
 
 

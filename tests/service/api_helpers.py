@@ -10,7 +10,9 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.db.models import Job
+from service.jobs import states
 from service.jobs.naming import adapter_id_for, adapter_prefix
+from service.security import job_token
 from service.settings import Settings, TenantDefaults
 from workers.spec import AdapterManifest, BaseModelRef, FileDigest, Hyperparameters
 from workers.storage import put_bytes
@@ -72,6 +74,16 @@ def uploaded_file(client: TestClient, tenant: TenantCtx) -> str:
 def create_job(client: TestClient, tenant: TenantCtx, file_id: str, **body):
     return client.post("/v1/fine_tuning/jobs", headers=tenant.headers,
                        json={"model": "lorafleet/tiny-llama", "training_file": file_id, **body})
+
+
+def running_job(client: TestClient, app, tenant: TenantCtx, attempt: int = 0, **body) -> tuple[str, str]:
+    """A job of ``tenant`` moved to running, and that run's worker token. ``attempt``: the run the
+    scheduler would have counted (0: moved here without a scheduler counting one)."""
+    job_id = create_job(client, tenant, uploaded_file(client, tenant), **body).json()["id"]
+    with app.state.session_factory() as s:
+        states.transition(s, s.get(Job, job_id), states.RUNNING, **({"attempts": attempt} if attempt else {}))
+        s.commit()
+    return job_id, job_token(job_id, attempt, app.state.settings, ttl_s=3600)
 
 
 def assert_problem(response, status: int, code: str, param: str | None = None) -> dict:

@@ -6,43 +6,31 @@ suite minutes on Postgres)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
-import uuid
 
 import pytest
-import sqlalchemy as sa
 import uvicorn
 from api_helpers import TenantCtx, make_settings, new_tenant
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
+from pg_databases import fresh_pg_database, url_of
 
+from service.db.models import Base
+from service.db.session import make_engine, make_session_factory
 from service.main import create_app
 from service.settings import Settings
 
-PG_URL = os.environ.get("LORAFLEET_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def _create_pg_database() -> str:
-    try:
-        admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        name = f"lf_api_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-    except sa.exc.OperationalError:
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
-    return name
-
-
-def _drop_pg_database(name: str) -> None:
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+@pytest.fixture
+def session(database_url):
+    """A session on a fresh database of each backend with the schema created (no app)."""
+    engine = make_engine(database_url)
+    Base.metadata.create_all(engine)
+    with make_session_factory(engine)() as s:
+        yield s
+    engine.dispose()
 
 
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -50,9 +38,8 @@ def api_database_url(request, tmp_path_factory):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'api.db'}"
         return
-    name = _create_pg_database()
-    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    _drop_pg_database(name)
+    with fresh_pg_database("lf_api") as name:
+        yield url_of(name)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from service.api.schemas.inference import CompletionRequest
 from service.db.pages import parse_int_cursor
 from service.errors import ValidationFailed
 from service.main import create_app
+from workers.local_ray import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
@@ -39,17 +40,11 @@ DEEP = 100_000
 
 # --- a real server in its own process -------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base url, its psutil.Process, a tenant key): uvicorn serving create_app, SQLite."""
     data = tmp_path_factory.mktemp("bounds")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LORAFLEET_DATA_DIR": str(data), "LORAFLEET_ADMIN_TOKEN": ADMIN_TOKEN,
            "LORAFLEET_DATABASE_URL": f"sqlite:///{data / 'api.db'}", "LORAFLEET_BODY_READ_TIMEOUT_S": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",

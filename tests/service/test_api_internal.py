@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from api_helpers import assert_problem, create_job, job_row, publish_adapter, uploaded_file
+from api_helpers import assert_problem, create_job, job_row, publish_adapter, running_job, uploaded_file
 from sqlalchemy import func, select
 
 from service.db.models import Adapter, Job
@@ -15,12 +15,8 @@ from service.security import job_token
 @pytest.fixture
 def running(client, app, tenant):
     """A running job of ``tenant`` and the headers its worker uses."""
-    file_id = uploaded_file(client, tenant)
-    job_id = create_job(client, tenant, file_id, suffix="Pirate_Talk").json()["id"]
-    with app.state.session_factory() as s:
-        states.transition(s, s.get(Job, job_id), states.RUNNING)
-        s.commit()
-    return job_id, {"Authorization": f"Bearer {worker_token(app, job_id)}"}
+    job_id, token = running_job(client, app, tenant, suffix="Pirate_Talk")
+    return job_id, {"Authorization": f"Bearer {token}"}
 
 
 def worker_token(app, job_id: str, attempt: int = 0, ttl_s: int = 3600) -> str:

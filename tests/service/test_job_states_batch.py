@@ -6,21 +6,12 @@ import pytest
 from sqlalchemy import event, func, select
 
 from service.catalog.repository import DEFAULT_BASE_MODEL, ensure_base_model
-from service.db.models import Base, Job, JobEventRow
+from service.db.models import Job, JobEventRow
 from service.db.session import make_engine, make_session_factory
 from service.errors import InvalidTransition
 from service.jobs import repository as jobs
 from service.jobs import states
 from service.tenants.repository import create_tenant
-
-
-@pytest.fixture
-def session(database_url):
-    engine = make_engine(database_url)
-    Base.metadata.create_all(engine)
-    with make_session_factory(engine)() as s:
-        yield s
-    engine.dispose()
 
 
 def _queued_jobs(session, n):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from api_helpers import assert_problem, create_job, job_row, publish_adapter, uploaded_file
+from api_helpers import assert_problem, create_job, job_row, publish_adapter, running_job, uploaded_file
 
 from service.db.models import Job, Tenant
 from service.jobs import states
@@ -35,11 +35,7 @@ def _bearer(token: str) -> dict[str, str]:
 @pytest.fixture
 def run(client, app, tenant):
     """A job in its second run (as after one crashed run), and that run's token."""
-    job_id = create_job(client, tenant, uploaded_file(client, tenant)).json()["id"]
-    with app.state.session_factory() as s:
-        states.transition(s, s.get(Job, job_id), states.RUNNING, attempts=CURRENT_ATTEMPT)
-        s.commit()
-    return job_id, job_token(job_id, CURRENT_ATTEMPT, app.state.settings, ttl_s=3600)
+    return running_job(client, app, tenant, CURRENT_ATTEMPT)
 
 
 def _writes(app, job_id: str) -> dict[str, dict]:

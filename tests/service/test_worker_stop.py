@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from api_helpers import create_job, uploaded_file
+from api_helpers import running_job
 
 from service.db.models import Job
 from service.jobs import states
@@ -24,11 +24,7 @@ ATTEMPT = 1
 @pytest.fixture
 def running(client, app, tenant):
     """A running job (its first run) and that run's token."""
-    job_id = create_job(client, tenant, uploaded_file(client, tenant)).json()["id"]
-    with app.state.session_factory() as s:
-        states.transition(s, s.get(Job, job_id), states.RUNNING, attempts=ATTEMPT)
-        s.commit()
-    return job_id, job_token(job_id, ATTEMPT, app.state.settings, ttl_s=3600)
+    return running_job(client, app, tenant, ATTEMPT)
 
 
 def _reporter(live_url: str, job_id: str, token: str) -> HttpReporter:
