@@ -111,6 +111,21 @@ class BaseModelRow(Base):
     created_at: Mapped[int]
 
 
+class Sweep(Base):
+    """A base job and the hyperparameters it varies; its child jobs point at it (jobs.sweep_id)."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(200))
+    base: Mapped[dict[str, Any]]  # the base job request, as the API validated it
+    parameters: Mapped[list[Any]] = mapped_column(JSON)  # [{name, values}]
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[int]
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -120,6 +135,7 @@ class Job(Base):
         Index("ix_jobs_tenant_id_status_id", "tenant_id", "status", "id"),
         # The scheduler scans by status in creation order.
         Index("ix_jobs_status_id", "status", "id"),
+        Index("ix_jobs_sweep_id_id", "sweep_id", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -132,6 +148,9 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(20))
     method: Mapped[str] = mapped_column(String(8))
     hyperparameters: Mapped[dict[str, Any]]  # a full workers.spec.Hyperparameters dump
+    # Names of the hyperparameters the request left `auto` (their chosen values are above).
+    auto_hyperparameters: Mapped[list[str] | None] = mapped_column(JSON)
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
     resources: Mapped[dict[str, Any]]  # a workers.spec.Resources dump
     suffix: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int]

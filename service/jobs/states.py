@@ -21,24 +21,35 @@ VALIDATING_FILES = "validating_files"
 QUEUED = "queued"
 RUNNING = "running"
 CANCELLING = "cancelling"
+PAUSING = "pausing"
+PAUSED = "paused"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
 
-JOB_STATUSES = (VALIDATING_FILES, QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
+JOB_STATUSES = (VALIDATING_FILES, QUEUED, RUNNING, CANCELLING, PAUSING, PAUSED, SUCCEEDED, FAILED,
+                CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # Statuses that count against a tenant's queue / concurrency quotas.
 PENDING = frozenset({VALIDATING_FILES, QUEUED})
-ACTIVE = frozenset({RUNNING, CANCELLING})
+# A pausing run still holds its resources until its checkpoint is written; a paused job holds
+# none and counts against neither quota.
+ACTIVE = frozenset({RUNNING, CANCELLING, PAUSING})
 
 ALLOWED: dict[str, frozenset[str]] = {
     VALIDATING_FILES: frozenset({QUEUED, FAILED, CANCELLED}),
     # queued → failed: the scheduler could not build the run (e.g. the base model is gone).
     QUEUED: frozenset({RUNNING, CANCELLING, CANCELLED, FAILED}),
     # running → queued: requeued after a lost worker.
-    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, CANCELLING, QUEUED}),
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, CANCELLING, QUEUED, PAUSING}),
     # cancelling → failed: the run crashed while being stopped.
     CANCELLING: frozenset({CANCELLED, FAILED}),
+    # pausing → paused once the run wrote its checkpoint and stopped; → succeeded when it finished
+    # before it saw the request; → cancelling when cancelled meanwhile; → queued when its worker
+    # was lost (it resumes from its last checkpoint like any requeued run).
+    PAUSING: frozenset({PAUSED, SUCCEEDED, FAILED, CANCELLING, QUEUED}),
+    # paused → queued: resumed; paused → cancelled: dropped without a run to stop.
+    PAUSED: frozenset({QUEUED, CANCELLED}),
     SUCCEEDED: frozenset(),
     FAILED: frozenset(),
     CANCELLED: frozenset(),
