@@ -88,10 +88,11 @@ class RayJobLauncher:
             raise RayUnavailable(f"Ray dashboard at {self.address} unreachable: {exc}") from exc
 
     def submit(self, sub_id: str, *, env: dict[str, str], num_cpus: float = 0,
-               num_gpus: float = 0) -> None:
-        """Submit; a submission id Ray already knows is left alone (idempotent)."""
+               num_gpus: float = 0, entrypoint: str | None = None) -> None:
+        """Submit (a fine-tune, or ``entrypoint``: an export or blend); a submission id Ray
+        already knows is left alone (idempotent)."""
         body = {
-            "entrypoint": self.entrypoint,
+            "entrypoint": entrypoint or self.entrypoint,
             "submission_id": sub_id,
             "runtime_env": {"env_vars": env},
             "metadata": {"lorafleet_job": sub_id},

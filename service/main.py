@@ -19,7 +19,7 @@ from service.api.idempotency import IdempotencyMiddleware, purge_periodically
 from service.api.metrics import ApiMetrics
 from service.api.middleware import AuthGate, BodyGuard, RequestMiddleware
 from service.api.openapi import document_problems
-from service.api.routes import admin, files, health, inference, internal, jobs, models
+from service.api.routes import admin, blends, exports, files, health, inference, internal, jobs, models, operations_internal
 from service.catalog.repository import DEFAULT_BASE_MODEL, ensure_base_model
 from service.db.migrate import upgrade_to_head
 from service.db.session import engine_from_settings, make_read_session_factory, make_session_factory
@@ -88,7 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ApiMetrics(count_jobs)
 
     errors.install(app)
-    for module in (admin, files, jobs, models, inference, internal, health):
+    # exports before models: GET /v1/models/{id:path} would take /v1/models/{id}/exports.
+    for module in (admin, files, jobs, exports, blends, models, inference, internal, operations_internal, health):
         app.include_router(module.router)
     document_problems(app)
     # Added last = outermost. Request ids and metrics see every response, replays included;

@@ -6,7 +6,8 @@ One leader at a time (a Postgres advisory lock; a file lock on SQLite). Every ti
    stops those past their wall-clock limit (`timeout`),
 3. fails jobs queued longer than LORAFLEET_MAX_QUEUE_WAIT_S (`insufficient_resources`),
 4. starts queued jobs as ``service.scheduling.policy.plan`` decides (fair share in GPUs, a
-   reservation for a large job, tenant limits, a bound on Ray Jobs in flight).
+   reservation for a large job, tenant limits, a bound on Ray Jobs in flight),
+5. runs queued exports and blends and reconciles running ones (service.exports.dispatch).
 One job's trouble with Ray is that job's: it is logged and the tick goes on; a job whose
 submission Ray keeps refusing fails `submission_failed`. Only an unreachable Ray ends a tick.
 
@@ -32,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.models import BaseModelRow, File, Job, Tenant
 from service.db.session import make_session_factory, session_scope
 from service.errors import InvalidTransition
+from service.exports.dispatch import OperationRunner
 from service.jobs import states
 from service.jobs.naming import adapter_id_for, adapter_prefix, checkpoint_prefix
 from service.jobs.public_errors import tenant_failure_message
@@ -150,6 +152,7 @@ class Scheduler:
         self._refusals: Counter[str] = Counter()  # Ray's refusals of each running job's submission
         self._next_expiry = 0.0
         self.last_plan: Plan | None = None  # what the last dispatch decided (logs, tests, benches)
+        self.operations = OperationRunner(settings, self.sessions, launcher)
 
     # One pass. Returns False when another process leads.
     def tick(self) -> bool:
@@ -165,6 +168,7 @@ class Scheduler:
             self._expire_queued(now)
             self._next_expiry = now + EXPIRY_INTERVAL_S
         self._dispatch(active, now)
+        self.operations.tick()
         return True
 
     def _active(self) -> list[_Active]:

@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     train_entrypoint: str | None = None
     # CPU threads each training worker uses.
     train_threads: int = Field(1, ge=1)
+    # Exports and blends (service.exports): their Ray Job entrypoint (default: this interpreter,
+    # `-m workers.ops.ray_job`) and how many run at once (each one process on one CPU).
+    ops_entrypoint: str | None = None
+    max_running_operations: int = Field(2, ge=1)
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -312,3 +312,58 @@ def iter_examples(lines: Iterable[bytes | str]) -> Iterable[tuple[DatasetFormat,
         text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw.lstrip("\ufeff")
         if text.strip():
             yield parse_example(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations on published adapters (workers/ops): merge-and-export, offline weighted blend.
+# ---------------------------------------------------------------------------------------------
+
+OperationKind = Literal["export", "blend"]
+# PEFT add_weighted_adapter's combination types (chapter 6.5.1, way 2).
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties",
+                "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+Combination = Literal[COMBINATIONS]  # type: ignore[valid-type]
+OPERATION_ERROR_CODES = {"storage_error", "base_model_load_failed", "internal_error", "invalid_adapter"}
+
+
+class OperationAdapter(_Strict):
+    id: str
+    prefix: str  # object-store prefix holding manifest.json and the PEFT files
+    weight: float = 1.0
+
+
+class OperationSpec(_Strict):
+    """Everything one export or blend run needs (a Ray Job's env, or a file without Ray)."""
+
+    operation_id: str
+    kind: OperationKind
+    tenant_id: str
+    base_model: BaseModelRef
+    method: Method  # of the adapters: qlora merges into the dequantised base
+    adapters: list[OperationAdapter] = Field(min_length=1)
+    combination: Combination | None = None  # blend only
+    density: float | None = None  # ties / dare / magnitude_prune
+    output_prefix: str
+    adapter_id: str | None = None  # blend: the new adapter's id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # export: the saved weights
+    max_shard_size: str = "2GB"
+    control_plane_url: str | None = None
+    token: str | None = None
+    object_store_url: str
+
+
+class ExportManifest(_Strict):
+    """manifest.json of a merged model: every file (shards, config, tokenizer) and its sha256."""
+
+    format_version: Literal[1] = 1
+    export_id: str
+    adapter_id: str
+    tenant_id: str
+    base_model: BaseModelRef
+    method: Method
+    dtype: str
+    files: dict[str, FileDigest]
+
+
+class OperationResult(_Strict):
+    manifest_key: str

@@ -206,7 +206,8 @@ class Adapter(Base):
 
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    # The job that trained it; None for an adapter an offline blend made (Operation).
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     base_model_id: Mapped[str] = mapped_column(ForeignKey("base_models.id"))
     version: Mapped[int] = mapped_column(default=1)
     method: Mapped[str] = mapped_column(String(8))
@@ -229,3 +230,51 @@ class IdempotencyKey(Base):
     content_type: Mapped[str | None] = mapped_column(String(100))
     body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int]
+
+
+class Operation(Base):
+    """An export (adapter merged into its base) or an offline blend, run as a Ray Job
+    (service.exports; states in service.exports.states)."""
+
+    __tablename__ = "operations"
+    __table_args__ = (
+        CheckConstraint(_in("kind", ("export", "blend")), name="kind"),
+        CheckConstraint(_in("status", ("queued", "running", "succeeded", "failed")), name="status"),
+        Index("ix_operations_tenant_id_kind_id", "tenant_id", "kind", "id"),
+        Index("ix_operations_status_id", "status", "id"),  # the scheduler scans by status
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    # Export: the adapter merged (no foreign key: a finished export outlives its adapter).
+    adapter_id: Mapped[str | None] = mapped_column(String(200))
+    base_model_id: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(16))
+    # What was asked: blend inputs [{id, prefix, weight}], combination, density, dtype, name...
+    request: Mapped[dict[str, Any]]
+    # Blend: the adapter it publishes (its row commits with the success).
+    result_adapter_id: Mapped[str | None] = mapped_column(String(200))
+    key_prefix: Mapped[str] = mapped_column(String(500))
+    files: Mapped[list[Any] | None] = mapped_column(JSON)  # [{name, bytes, sha256}] once succeeded
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[int]
+    updated_at: Mapped[int]
+    started_at: Mapped[int | None]
+    finished_at: Mapped[int | None]
+
+
+class OperationEventRow(Base):
+    __tablename__ = "operation_events"
+    __table_args__ = (Index("ix_operation_events_operation_id_id", "operation_id", "id"),)
+
+    id: Mapped[int] = mapped_column(AutoIncrementId, primary_key=True, autoincrement=True)
+    operation_id: Mapped[str] = mapped_column(ForeignKey("operations.id", ondelete="CASCADE"))
+    created_at: Mapped[int]
+    level: Mapped[str] = mapped_column(String(8))
+    type: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None]

@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.serve.adapters import AdapterCache, AdapterError
+from workers.serve.blend import BlendCache
 from workers.serve.engine import ContextLengthExceeded, InvalidPrompt, Request, RequestFailed
 from workers.serve.lora import AdapterFormatError
 from workers.serve.runner import EngineRunner
@@ -63,11 +64,19 @@ class BaseRef(BaseModel):
     uri: str | None = None
 
 
+class BlendPart(BaseModel):
+    id: str
+    prefix: str
+    weight: float
+
+
 class Routing(BaseModel):
     """The ``lorafleet`` field only the control plane sets (docs/API.md, Inference)."""
 
     adapter: AdapterRef | None = None
     base_model: BaseRef | None = None
+    # A live weighted blend: the tenant's adapters, ownership checked by the control plane.
+    blend: list[BlendPart] | None = None
 
 
 class _Common(BaseModel):
@@ -134,6 +143,7 @@ class ServingFront:
         self.runner, self.cache, self.tokenizer = runner, cache, tokenizer
         self.base_model_id, self.default_max_tokens = base_model_id, default_max_tokens
         self.chars_per_token = max_chars_per_token(tokenizer)
+        self.blends = BlendCache()
 
     def check_health(self) -> None:
         """Raises when this replica cannot serve (``EngineRunner.check_health``)."""
@@ -204,7 +214,17 @@ class ServingFront:
             raise Problem(422, "adapter_base_mismatch",
                           f"adapter {ref.id!r} was trained for base model {ref.base_model_id!r}; "
                           f"this replica serves {self.base_model_id!r}", "model")
+        if routing.blend:
+            return await self._blend(routing.blend)
         return await self.cache.get(ref.id, ref.prefix)
+
+    async def _blend(self, blend: list[BlendPart]):
+        """One adapter composed from the blend's (workers.serve.blend), checked like a loaded one."""
+        parts = [(await self.cache.get(p.id, p.prefix), p.weight) for p in blend]
+        adapter = self.blends.get(parts, adapter_id="+".join(p.id for p in blend))
+        if self.cache.device is not None:
+            self.cache.device.check(adapter)  # the summed rank against this replica's stacks
+        return adapter
 
     def _encode(self, kind: Kind, req: ChatRequest | CompletionRequest) -> list[int]:
         limit = self.runner.engine.max_len
@@ -283,6 +303,9 @@ class ServingFront:
         self.runner.close()
 
     async def evict(self, adapter_id: str) -> bool:
+        for blend_id in self.blends.evict(adapter_id):  # blends using it go with it
+            if self.cache.device is not None:
+                self.cache.device.evict(blend_id)
         return self.cache.evict(adapter_id)
 
     async def stats(self) -> dict:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
@@ -29,6 +30,7 @@ from service.api.schemas.inference import CHAT_BODY, COMPLETION_BODY, ChatComple
 from service.catalog import repository as catalog
 from service.db.models import Adapter, BaseModelRow
 from service.errors import ServiceUnavailable, TooManyRequests, ValidationFailed
+from service.exports.create import MAX_BLEND_ADAPTERS, blend_inputs
 from service.settings import Settings
 from workers.signing import Signer
 
@@ -87,8 +89,33 @@ def _limits(request: Request) -> InflightLimits:
     return state.inference_limits
 
 
-def _routing(session: Session, *, tenant_id: str, model: str) -> dict[str, Any]:
-    """The ``lorafleet`` field: a base model, or this tenant's adapter (anything else: NotFound)."""
+class BlendWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Annotated[str, Field(min_length=1, max_length=300)]
+    weight: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)] = 1.0
+
+
+# A live weighted blend (docs/API.md): ``adapters``, several of the tenant's LoRA adapters.
+_BLEND = TypeAdapter(Annotated[list[BlendWeight], Field(min_length=1, max_length=MAX_BLEND_ADAPTERS)])
+
+
+def _parse_blend(raw: Any) -> list[BlendWeight] | None:
+    if raw is None:
+        return None
+    try:
+        return _BLEND.validate_python(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        raise ValidationFailed(f"adapters{loc}: {err['msg']}", param=f"adapters{loc}") from None
+
+
+def _routing(session: Session, *, tenant_id: str, model: str,
+             blend: list[BlendWeight] | None = None) -> dict[str, Any]:
+    """The ``lorafleet`` field: a base model, or this tenant's adapter (anything else: NotFound);
+    with ``blend``, every adapter of the blend, each checked the same way."""
+    if blend is not None:
+        return _blend_routing(session, tenant_id=tenant_id, model=model, blend=blend)
     base = session.get(BaseModelRow, model)
     if base is not None:
         return {"adapter": None, "base_model": {"id": base.id, "uri": base.source_uri}}
@@ -96,6 +123,16 @@ def _routing(session: Session, *, tenant_id: str, model: str) -> dict[str, Any]:
     base = catalog.get_base_model(session, model_id=adapter.base_model_id)
     return {"adapter": {"id": adapter.id, "prefix": adapter.key_prefix, "base_model_id": base.id},
             "base_model": {"id": base.id, "uri": base.source_uri}}
+
+
+def _blend_routing(session: Session, *, tenant_id: str, model: str, blend: list[BlendWeight]) -> dict[str, Any]:
+    adapters = blend_inputs(session, tenant_id=tenant_id, refs=[(b.model, b.weight) for b in blend])
+    if model not in {a.id for a in adapters}:
+        raise ValidationFailed("with adapters, model must be one of them", param="model")
+    routing = _routing(session, tenant_id=tenant_id, model=model)
+    routing["blend"] = [{"id": a.id, "prefix": a.key_prefix, "weight": b.weight}
+                        for a, b in zip(adapters, blend, strict=True)]
+    return routing
 
 
 # Serving broke off a stream: the status is long sent, so the error goes in the stream, as the
@@ -128,8 +165,8 @@ async def _forward(request: Request, db: ReadDatabase, path: str, tenant_id: str
         raise ValidationFailed("model is required", param="model")
     settings: Settings = request.app.state.settings
     signer = serve_signer(settings)
-    routing = await db.run(_routing, tenant_id=tenant_id, model=model)
-    payload = {k: v for k, v in body.items() if k != "lorafleet"} | {"lorafleet": routing}
+    routing = await db.run(_routing, tenant_id=tenant_id, model=model, blend=_parse_blend(body.get("adapters")))
+    payload = {k: v for k, v in body.items() if k not in ("lorafleet", "adapters")} | {"lorafleet": routing}
     content = json.dumps(payload, separators=(",", ":")).encode()
     rid = request.scope["state"]["request_id"]
     headers = {"content-type": "application/json",

@@ -31,7 +31,7 @@ class AdapterFile(BaseModel):
 class AdapterPublic(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
-    job_id: str
+    job_id: str | None  # None: an adapter an offline blend made
     base_model: str
     version: int
     method: str
