@@ -8,11 +8,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["lora", "qlora"]
+# The chapter's seven ways to tune a frozen base (docs/API.md, "Methods"). "qlora" is LoRA on a
+# 4-bit NF4 base; the other methods get a 4-bit base with ``quantization: "nf4"``.
+Method = Literal["lora", "qlora", "ia3", "adalora", "prefix_tuning", "prompt_tuning", "p_tuning"]
+METHODS: tuple[str, ...] = get_args(Method)
+# Methods that add learned virtual tokens before the prompt rather than change layers.
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix_tuning", "prompt_tuning", "p_tuning"})
 DatasetFormat = Literal["chat", "completion", "alpaca", "text"]
 
 # The chapter's reference LLaMA recipe (QLoRA section): attention projections.
@@ -30,23 +35,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class Hyperparameters(_Strict):
-    """LoRA hyperparameters with the chapter's defaults (r=8, alpha=2r, dropout 0.05, lr 2e-4).
+def _check_targets(v: list[str] | str) -> list[str] | str:
+    if isinstance(v, list):
+        if not v:
+            raise ValueError("must not be empty")
+        if len(v) > MAX_TARGET_MODULES:
+            raise ValueError(f"lists at most {MAX_TARGET_MODULES} names")
+        return v
+    if len(v) > 200:
+        raise ValueError("a regex has at most 200 characters")
+    if v != "all-linear":
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regex: {exc}") from None
+    return v
 
-    Each bound is in docs/API.md ("Limits"). Those that depend on the base model (r against its
-    max_rank, max_seq_length against its context, target_modules against its layers) and across
-    fields (batch_size x gradient_accumulation_steps) are checked at job creation
-    (``service.catalog.limits``), as is ``bias`` other than "none" (served only where serving
-    wraps every layer that has a bias)."""
 
-    r: Annotated[int, Field(ge=1, le=256)] = 8
-    lora_alpha: Annotated[float, Field(gt=0, le=2048)] | None = None  # None: 2 * r
-    lora_dropout: Annotated[float, Field(ge=0, le=0.5)] = 0.05
-    # A list of module names, a single regex (PEFT full-match semantics) or "all-linear".
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | str = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES)
-    )
-    bias: Literal["none", "all", "lora_only"] = "none"
+# A list of module names, a single regex (PEFT full-match semantics) or "all-linear".
+TargetModules = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]] | str,
+                          AfterValidator(_check_targets)]
+ModuleNames = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
+                        Field(max_length=MAX_TARGET_MODULES)]
+VirtualTokens = Annotated[int, Field(ge=1, le=512)]
+
+
+class TrainingHyperparameters(_Strict):
+    """What every method shares: the optimisation and data settings, with the chapter's defaults.
+
+    Each bound is in docs/API.md ("Limits"). Those that depend on the base model (max_seq_length
+    against its context, target modules against its layers) and across fields (batch_size x
+    gradient_accumulation_steps) are checked at job creation (``service.catalog.limits``)."""
+
     n_epochs: Annotated[int, Field(ge=1, le=50)] = 3
     batch_size: Annotated[int, Field(ge=1, le=256)] = 4
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=256)] = 4
@@ -63,27 +83,146 @@ class Hyperparameters(_Strict):
     # "pack" (default) concatenates examples with per-example attention; "pad" pads per batch.
     batching: Literal["pack", "pad"] = "pack"
 
-    @field_validator("target_modules")
-    @classmethod
-    def _check_targets(cls, v: list[str] | str) -> list[str] | str:
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("target_modules must not be empty")
-            if len(v) > MAX_TARGET_MODULES:
-                raise ValueError(f"target_modules lists at most {MAX_TARGET_MODULES} names")
-            return v
-        if len(v) > 200:
-            raise ValueError("a target_modules regex has at most 200 characters")
-        if v != "all-linear":
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"target_modules is not a valid regex: {exc}") from None
-        return v
+
+class Hyperparameters(TrainingHyperparameters):
+    """LoRA / QLoRA, with the chapter's defaults (r=8, alpha=2r, dropout 0.05, lr 2e-4).
+
+    ``r`` is checked against the base's max_rank at creation, as are ``bias`` other than "none"
+    (served only where serving wraps every layer that has a bias), ``init_lora_weights`` (PiSSA
+    and OLoRA are published as a plain LoRA of the shared base, of rank 2r) and
+    ``modules_to_save``. The base is 4-bit for "qlora", full precision for "lora"."""
+
+    r: Annotated[int, Field(ge=1, le=256)] = 8
+    lora_alpha: Annotated[float, Field(gt=0, le=2048)] | None = None  # None: 2 * r
+    lora_dropout: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    target_modules: TargetModules = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = "default"
+    modules_to_save: ModuleNames | None = None
 
     @property
     def alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.r
+
+
+class _Quantizable(TrainingHyperparameters):
+    # "nf4": QLoRA's 4-bit NF4 base under this method's adapter (PEFT supports 4-bit for all five).
+    quantization: Literal["none", "nf4"] = "none"
+
+
+class IA3Hyperparameters(_Quantizable):
+    """(IA)3: learned scaling vectors; keys, values and the MLP's input (PEFT's Llama default).
+    Its few parameters want a larger learning rate than LoRA's."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 1e-2
+    target_modules: TargetModules = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    # Scaled on their input rather than their output; each must also be a target module.
+    feedforward_modules: ModuleNames = Field(default_factory=lambda: ["down_proj"])
+
+
+class AdaLoraHyperparameters(_Quantizable):
+    """AdaLoRA: SVD-form LoRA whose rank budget shrinks from init_r to target_r per layer between
+    step tinit and total_steps - tfinal (total steps derived from the job)."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=0.01)] = 2e-3
+    init_r: Annotated[int, Field(ge=1, le=256)] = 12
+    target_r: Annotated[int, Field(ge=1, le=256)] = 8
+    lora_alpha: Annotated[float, Field(gt=0, le=2048)] | None = None  # None: 2 * init_r
+    target_modules: TargetModules = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    tinit: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    tfinal: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    delta_t: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    orth_reg_weight: Annotated[float, Field(ge=0, le=10)] = 0.5
+
+    @model_validator(mode="after")
+    def _ranks(self) -> AdaLoraHyperparameters:
+        if self.target_r > self.init_r:
+            raise ValueError("target_r must not exceed init_r")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.init_r
+
+
+class _VirtualTokenHyperparameters(_Quantizable):
+    # Virtual tokens come before every row, so examples cannot be packed into one row.
+    batching: Literal["pad"] = "pad"
+    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 3e-2
+    num_virtual_tokens: VirtualTokens = 20
+
+
+class PrefixTuningHyperparameters(_VirtualTokenHyperparameters):
+    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 1e-2
+    prefix_projection: bool = False  # reparameterise the prefix through a two-layer MLP
+    encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None: the model's
+
+    @model_validator(mode="after")
+    def _projection(self) -> PrefixTuningHyperparameters:
+        if self.encoder_hidden_size is not None and not self.prefix_projection:
+            raise ValueError("encoder_hidden_size needs prefix_projection: true")
+        return self
+
+
+class PromptTuningHyperparameters(_VirtualTokenHyperparameters):
+    init: Literal["random", "text"] = "random"
+    init_text: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
+
+    @model_validator(mode="after")
+    def _text(self) -> PromptTuningHyperparameters:
+        if (self.init == "text") != (self.init_text is not None):
+            raise ValueError("init_text is required with init: 'text', and only then")
+        return self
+
+
+class PTuningHyperparameters(_VirtualTokenHyperparameters):
+    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 1e-2
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+    encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None: the model's
+    encoder_num_layers: Annotated[int, Field(ge=1, le=8)] = 2
+    encoder_dropout: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+
+
+AnyHyperparameters = (Hyperparameters | IA3Hyperparameters | AdaLoraHyperparameters
+                      | PrefixTuningHyperparameters | PromptTuningHyperparameters | PTuningHyperparameters)
+HYPERPARAMETERS: dict[str, type[TrainingHyperparameters]] = {
+    "lora": Hyperparameters, "qlora": Hyperparameters, "ia3": IA3Hyperparameters,
+    "adalora": AdaLoraHyperparameters, "prefix_tuning": PrefixTuningHyperparameters,
+    "prompt_tuning": PromptTuningHyperparameters, "p_tuning": PTuningHyperparameters}
+
+
+def hyperparameters_for(method: str, values: dict[str, Any]) -> AnyHyperparameters:
+    """``values`` (a job row's stored JSON, a request's fields) as ``method``'s model."""
+    return HYPERPARAMETERS[method].model_validate(values)
+
+
+def quantization_of(method: str, hp: TrainingHyperparameters) -> Literal["nf4", "none"]:
+    return "nf4" if method == "qlora" else getattr(hp, "quantization", "none")
+
+
+class _MethodTyped(_Strict):
+    """A model with ``method`` and ``hyperparameters``: the latter validated as the method's own
+    model (a plain union would take any shape that fits)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_hyperparameters(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") in HYPERPARAMETERS \
+                and isinstance(data.get("hyperparameters"), dict):
+            data = {**data, "hyperparameters": hyperparameters_for(data["method"], data["hyperparameters"])}
+        return data
+
+    @model_validator(mode="after")
+    def _method_matches(self) -> Any:
+        want = HYPERPARAMETERS[self.method]
+        if type(self.hyperparameters) is not want:
+            raise ValueError(f"method {self.method!r} takes {want.__name__}, not "
+                             f"{type(self.hyperparameters).__name__}")
+        return self
 
 
 class Resources(_Strict):
@@ -101,14 +240,14 @@ class BaseModelRef(_Strict):
     checksum: str | None = None  # sha256 over the model's files, recorded in adapter manifests
 
 
-class TrainJobSpec(_Strict):
+class TrainJobSpec(_MethodTyped):
     """Everything a training run needs. Handed to the worker; holds no database credentials."""
 
     job_id: str
     tenant_id: str
     base_model: BaseModelRef
     method: Method
-    hyperparameters: Hyperparameters
+    hyperparameters: AnyHyperparameters
     resources: Resources = Field(default_factory=Resources)
     training_file: str  # object-store key
     training_file_sha256: str
@@ -127,7 +266,7 @@ class FileDigest(_Strict):
     bytes: int
 
 
-class AdapterManifest(_Strict):
+class AdapterManifest(_MethodTyped):
     """manifest.json written beside adapter_model.safetensors / adapter_config.json."""
 
     format_version: Literal[1] = 1
@@ -137,7 +276,7 @@ class AdapterManifest(_Strict):
     base_model: BaseModelRef
     method: Method
     quantization: Literal["nf4", "none"]
-    hyperparameters: Hyperparameters
+    hyperparameters: AnyHyperparameters  # the method's config as trained (adapter_config.json has PEFT's)
     dataset_sha256: str
     metrics: dict[str, float] = Field(default_factory=dict)
     files: dict[str, FileDigest]

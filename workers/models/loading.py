@@ -1,4 +1,4 @@
-"""Load a base model for LoRA or QLoRA training: a first-match dispatcher over backends.
+"""Load a base model for adapter training, 4-bit NF4 or not: a first-match dispatcher over backends.
 
 bitsandbytes is imported only by the 4-bit backend, so CPU-only machines without it still
 import (and LoRA-train with) everything else.
@@ -34,21 +34,21 @@ def _load_lora(path: Path, device: torch.device):
                                                 attn_implementation="sdpa")
 
 
-# (method, backend) pairs tried in order; the first whose method matches loads the model.
-_BACKENDS: list[tuple[str, Callable]] = [("qlora", _load_qlora), ("lora", _load_lora)]
+# (quantization, backend) pairs tried in order; the first that matches loads the model.
+_BACKENDS: list[tuple[str, Callable]] = [("nf4", _load_qlora), ("none", _load_lora)]
+# The two LoRA methods name their quantization (benchmarks and tests pass them).
+_BY_METHOD = {"qlora": "nf4", "lora": "none"}
 
 
-def load_base_model(path: Path | str, method: str, device: torch.device | str | None = None):
-    """The base model at ``path`` ready for PEFT wrapping, on ``device`` (default: cuda if any)."""
+def load_base_model(path: Path | str, quantization: str, device: torch.device | str | None = None):
+    """The base model at ``path`` ready for PEFT wrapping, on ``device`` (default: cuda if any);
+    ``quantization``: "nf4", "none", or the method "qlora" / "lora"."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quantization = _BY_METHOD.get(quantization, quantization)
     for name, loader in _BACKENDS:
-        if name == method:
+        if name == quantization:
             return loader(Path(path), device)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def quantization_of(method: str) -> str:
-    return "nf4" if method == "qlora" else "none"
+    raise ValueError(f"unknown quantization {quantization!r}")
 
 
 def load_tokenizer(path: Path | str):

@@ -60,12 +60,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_adapter_files(peft_model, directory: Path, base_model_id: str) -> None:
+def save_adapter_files(peft_model, directory: Path, base_model_id: str,
+                       save: Callable[[object, Path], None] | None = None) -> None:
     """adapter_model.safetensors + adapter_config.json naming the base model by its id (the
-    local cache path it was loaded from means nothing elsewhere)."""
+    local cache path it was loaded from means nothing elsewhere; prompt tuning's text
+    initialisation names its tokenizer the same way). ``save``: the method's own writer
+    (``TrainMethod.save``), else PEFT's ``save_pretrained``."""
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = base_model_id
-    peft_model.save_pretrained(directory, save_embedding_layers=False)
+        if getattr(config, "tokenizer_name_or_path", None):
+            config.tokenizer_name_or_path = base_model_id
+    if save is not None:
+        save(peft_model, directory)
+    else:
+        peft_model.save_pretrained(directory, save_embedding_layers=False)
 
 
 def checkpoint_key(prefix: str, step: int) -> str:
@@ -111,12 +119,13 @@ def load_checkpoint(store: ObjectStore, key: str) -> tuple[dict, dict]:
 
 
 def publish_adapter(store: ObjectStore, prefix: str, peft_model, manifest_fields: dict,
-                    **retry) -> str:
-    """Upload the adapter, verify each file in the store, then write manifest.json; return its key."""
+                    save: Callable[[object, Path], None] | None = None, **retry) -> str:
+    """Upload the adapter (written by ``save``, see save_adapter_files), verify each file in the
+    store, then write manifest.json; return its key."""
     prefix = prefix.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="lorafleet-publish-") as tmp:
         tmp = Path(tmp)
-        save_adapter_files(peft_model, tmp, manifest_fields["base_model"].id)
+        save_adapter_files(peft_model, tmp, manifest_fields["base_model"].id, save)
         files = {name: FileDigest(sha256=_sha256(tmp / name), bytes=(tmp / name).stat().st_size)
                  for name in ADAPTER_FILES}
         for name in ADAPTER_FILES:

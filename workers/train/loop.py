@@ -1,8 +1,9 @@
 """The train loop: plain torch + PEFT, runnable with or without Ray (and DDP when ``world`` says so).
 
 run_training(spec, store=..., reporter=...) resolves the base model, tokenises the data, trains
-a LoRA/QLoRA adapter with gradient accumulation, evaluates, checkpoints, resumes from the latest
-checkpoint, and publishes the adapter with its manifest. Every failure leaves as a
+an adapter of the job's method (``workers.train.methods``: what each method adds to this one
+loop) with gradient accumulation, evaluates, checkpoints, resumes from the latest checkpoint,
+and publishes the adapter with its manifest. Every failure leaves as a
 TrainingError with a code from workers.spec.
 """
 
@@ -22,12 +23,22 @@ import torch
 
 from workers.data.batching import Batch, epoch_batches
 from workers.data.encode import IGNORE, Encoded, encode_dataset
-from workers.models.loading import load_base_model, load_tokenizer, quantization_of
+from workers.models.loading import load_base_model, load_tokenizer
 from workers.models.registry import BaseModelError, model_checksum, resolve_base_model
-from workers.spec import BaseModelRef, CheckpointReport, Hyperparameters, JobEvent, TrainJobSpec, TrainResult, iter_examples
+from workers.spec import (
+    BaseModelRef,
+    CheckpointReport,
+    JobEvent,
+    TrainingHyperparameters,
+    TrainJobSpec,
+    TrainResult,
+    iter_examples,
+    quantization_of,
+)
 from workers.storage import ObjectStore, StorageError
 from workers.train import artifacts
 from workers.train.errors import TrainingCancelled, TrainingError
+from workers.train.methods import train_method
 from workers.train.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -51,14 +62,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lora_config(hp: Hyperparameters):
-    from peft import LoraConfig
-
-    return LoraConfig(r=hp.r, lora_alpha=hp.alpha, lora_dropout=hp.lora_dropout, bias=hp.bias,
-                      target_modules=hp.target_modules, task_type="CAUSAL_LM")
-
-
-def make_optimizer(params, hp: Hyperparameters, device: torch.device):
+def make_optimizer(params, hp: TrainingHyperparameters, device: torch.device):
     """The chapter's paged 32-bit AdamW where bitsandbytes runs it (CUDA), else torch's AdamW."""
     if device.type == "cuda":
         try:
@@ -70,19 +74,20 @@ def make_optimizer(params, hp: Hyperparameters, device: torch.device):
     return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
 
 
-def label_loss(net, batch: Batch, device, n_items: int) -> torch.Tensor:
+def label_loss(net, batch: Batch, device, n_items: int, virtual_tokens: int = 0) -> torch.Tensor:
     """Causal-LM loss summed over the batch's label tokens, divided by ``n_items``.
 
     The LM head runs only on the positions that predict a label (``logits_to_keep`` as a boolean
     mask, applied by the model's own forward, so PEFT, DDP and gradient checkpointing see a normal
     call): the same loss and gradients as ``model(..., labels=...)``, without the
     batch x length x vocab logits of prompt and padding positions, which dominate the cost of a
-    large vocabulary.
+    large vocabulary. ``virtual_tokens``: positions the model puts before the input (prompt
+    tuning, P-tuning), whose logits are never kept.
     """
     inputs = batch.model_inputs(device)
     targets = inputs.pop("labels")[:, 1:]
     wanted = targets != IGNORE
-    keep = torch.nn.functional.pad(wanted, (0, 1), value=False)  # position t predicts label t+1
+    keep = torch.nn.functional.pad(wanted, (virtual_tokens, 1), value=False)  # position t predicts label t+1
     logits = net(**inputs, logits_to_keep=keep, use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits.float(), targets[wanted], reduction="sum") / n_items
 
@@ -125,7 +130,7 @@ def _resolve_and_load(spec: TrainJobSpec, store: ObjectStore, device: torch.devi
         raise TrainingError("base_model_load_failed", str(exc)) from exc
     try:
         tokenizer = load_tokenizer(path)
-        model = load_base_model(path, spec.method, device)
+        model = load_base_model(path, quantization_of(spec.method, spec.hyperparameters), device)
     except Exception as exc:  # noqa: BLE001 - any loader failure is the same failure to the tenant
         raise TrainingError("base_model_load_failed",
                             f"cannot load base model {spec.base_model.id}: {type(exc).__name__}: {exc}") from exc
@@ -170,12 +175,19 @@ class _Run:
             self._warn_truncation(vstats, "validation")
         self.emit(f"{len(self.train_set)} training examples, {stats.tokens} tokens "
                   f"({stats.label_tokens} trained on), longest {stats.longest}")
-        self.model = get_peft_model(base, lora_config(self.hp))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, self.hp, self.device)
         micro = math.ceil(len(self.train_set) / (self.hp.batch_size * self.world.size))
         self.steps_per_epoch = math.ceil(micro / self.hp.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
+        self.method = train_method(self.spec.method, self.hp, total_steps=self.total_steps,
+                                   model_path=self.model_path)
+        try:
+            self.model = get_peft_model(base, self.method.config())
+        except ValueError as exc:  # PEFT refusing this configuration (e.g. AdaLoRA's schedule)
+            raise TrainingError("invalid_hyperparameters", f"{self.spec.method}: {exc}",
+                                param=f"method.{self.spec.method}.hyperparameters") from exc
+        self.method.wrapped(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, self.hp, self.device)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(self.hp.lr_scheduler, self.optimizer,
@@ -192,14 +204,12 @@ class _Run:
                       level="warn")
 
     def resume(self) -> None:
-        from peft import set_peft_model_state_dict
-
         found = artifacts.latest_checkpoint(self.store, self.spec.checkpoint_prefix)
         if not found:
             return
         step, key = found
         weights, state = artifacts.load_checkpoint(self.store, key)
-        set_peft_model_state_dict(self.model, weights)
+        self.method.load_state(self.model, weights, state.get("method", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -272,8 +282,9 @@ class _Run:
         for i, batch in enumerate(window):
             sync = i == len(window) - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else net.no_sync():
-                loss = label_loss(net, batch, self.device, n_items)
-                loss.backward()
+                loss = label_loss(net, batch, self.device, n_items, self.method.virtual_tokens)
+                extra = self.method.extra_loss(self.model)
+                (loss if extra is None else loss + extra / len(window)).backward()
             total += loss.detach().float()
         if self.world.size > 1:
             torch.distributed.all_reduce(total)
@@ -285,6 +296,7 @@ class _Run:
                                 f"{self.step + 1}: lower the learning rate", param="learning_rate")
         self.optimizer.step()
         self.scheduler.step()
+        self.method.after_step(self.model, self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return total.item(), grad_norm.item()
 
@@ -295,7 +307,7 @@ class _Run:
         eval_mode(self.model)
         loss_sum, n_items = 0.0, 0
         for batch in self._batches(0, self.val_set, seed_offset=10_000):
-            loss_sum += label_loss(self.model, batch, self.device, 1).item()
+            loss_sum += label_loss(self.model, batch, self.device, 1, self.method.virtual_tokens).item()
             n_items += batch.label_tokens()
         if self.world.size > 1:
             t = torch.tensor([loss_sum, n_items], dtype=torch.float64, device=self.device)
@@ -310,6 +322,7 @@ class _Run:
     def _state(self) -> dict:
         return {"step": self.step, "trained_tokens": self.trained_tokens,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "method": self.method.state(self.model),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
 
@@ -331,8 +344,9 @@ class _Run:
             "job_id": self.spec.job_id, "tenant_id": self.spec.tenant_id,
             "base_model": BaseModelRef(id=self.spec.base_model.id, uri=self.spec.base_model.uri,
                                        checksum=self.base_checksum),
-            "method": self.spec.method, "quantization": quantization_of(self.spec.method),
-            "hyperparameters": self.hp, "dataset_sha256": self.dataset_sha, "metrics": metrics})
+            "method": self.spec.method, "quantization": quantization_of(self.spec.method, self.hp),
+            "hyperparameters": self.hp, "dataset_sha256": self.dataset_sha, "metrics": metrics},
+            save=self.method.save)
         self.emit("adapter published", "status", {"manifest_key": key})
         return TrainResult(manifest_key=key, metrics=metrics)
 
