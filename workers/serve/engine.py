@@ -1,8 +1,9 @@
 """The batched multi-LoRA decode engine: one shared base model, continuous batching, KV cache.
 
-Plain torch, no Ray. ``Engine.step()`` admits waiting requests into free rows (prefilling their
-prompts), then decodes one token for every running row, whatever adapter each row uses; finished
-rows leave at once and new ones join at the next step. ``generate_batch`` drives it synchronously
+Plain torch, no Ray. ``Engine.step()`` admits waiting requests while rows, KV tokens and adapter
+slots allow, prefills a bounded chunk of the newcomers' prompts, then decodes one token for every
+row whose prompt is in, whatever adapter each row uses; finished rows leave at once and new ones
+join at the next step. ``generate_batch`` drives it synchronously
 (benchmarks); ``workers.serve.runner.EngineRunner`` runs the step loop in a thread for asyncio.
 """
 
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from workers.serve.kv import RowKVCache
+from workers.serve.kv import PagedKVCache
 from workers.serve.lora import DEFAULT_WRAPPED, LoraAdapter, wrap_model
-from workers.serve.sampling import SamplingParams, choose, make_generator
+from workers.serve.sampling import SamplingParams, choose, row_seed
 from workers.serve.slots import DeviceSlots
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,6 @@ class Request:
     params: SamplingParams
     adapter: LoraAdapter | None
     on_event: Callable[[Request, str], None] | None  # (request, new text); called in the step thread
-    generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of ``text`` already handed to on_event
@@ -101,22 +101,52 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    seed: int = 0  # key of the row's sampling noise (sampling.row_seed)
+    # Hooks for prompt and prefix tuning (``Engine.submit`` checks their shapes). The row's
+    # sequence is: prefix_kv's N positions (per layer (keys, values), each (kv_heads, N, head_dim),
+    # written into the row's KV blocks when it is admitted, never run through the model), then
+    # prompt_embeds' M inputs ((M, hidden), fed instead of token embeddings), then prompt_ids; the
+    # prompt's first token sits at position N + M.
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    prompt_embeds: torch.Tensor | None = field(default=None, repr=False)
+    prefilled: int = 0  # positions of the row already in the KV cache
+    decoded: tuple[int, int] = (0, 0)  # output_ids[a:b] was the last window detokenised, a <= b
 
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.arrival
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix_kv is None else self.prefix_kv[0][0].shape[1]
+
+    @property
+    def embeds_len(self) -> int:
+        return 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+
+    @property
+    def context_len(self) -> int:
+        """Positions before the first output token."""
+        return self.prefix_len + self.embeds_len + len(self.prompt_ids)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV positions the row holds at most (its last token is never fed back)."""
+        return self.context_len + self.params.max_tokens - 1
 
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 32, max_len: int = 512,
                  adapter_slots: int = 16, max_adapter_bytes: int | None = None, max_rank: int = 16,
                  lora_dtype: torch.dtype = torch.float32, wrap: Sequence[str] = DEFAULT_WRAPPED,
-                 eos_token_id: int | list[int] | None = None, max_prefill_tokens: int = 8192):
+                 eos_token_id: int | list[int] | None = None, max_prefill_tokens: int = 512,
+                 kv_tokens: int | None = None, kv_block: int = 16):
         model.eval()
         model.config._attn_implementation = "sdpa"  # the 4-D boolean masks below are for sdpa
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_len = max_batch, max_len
-        # Prompt tokens prefilled per step: bounds how long running rows wait for newcomers.
+        # Prompt tokens prefilled per step (longer prompts go in chunks over several steps):
+        # bounds how long running rows wait for newcomers.
         self.max_prefill_tokens = max_prefill_tokens
         cfg = model.config
         self.dtype = model.get_input_embeddings().weight.dtype
@@ -124,10 +154,14 @@ class Engine:
         slots = self._slot_count(model, adapter_slots, max_adapter_bytes, max_rank, lora_dtype, wrap)
         self.modules = wrap_model(model, slots=slots, max_rank=max_rank, dtype=lora_dtype, targets=wrap)
         self.slots = DeviceSlots(self.modules, slots, max_rank)
-        self.kv = RowKVCache(layers=cfg.num_hidden_layers, rows=max_batch,
-                             kv_heads=cfg.num_key_value_heads,
-                             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                             max_len=max_len, dtype=self.dtype, device=self.device)
+        # KV memory is a token budget (default: what max_batch rows of max_len used to reserve);
+        # max_batch only caps the rows.
+        kv_tokens = max_batch * max_len if kv_tokens is None else kv_tokens
+        if kv_tokens < max_len:
+            raise ValueError(f"kv_tokens ({kv_tokens}) must hold one request of max_len ({max_len}) tokens")
+        self.kv = PagedKVCache(layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads,
+                               head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                               tokens=kv_tokens, block_size=kv_block, dtype=self.dtype, device=self.device)
         if eos_token_id is None:  # the model's generation config may list several (chat end)
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos_token_id is None:
@@ -139,7 +173,8 @@ class Engine:
         self._running: list[Request] = []
         self._lock = threading.Lock()  # guards _waiting: submit() comes from other threads
         self._composition: tuple | None = None
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "requests_finished": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "requests_finished": 0,
+                      **self.kv.usage()}
 
     @staticmethod
     def _slot_count(model: nn.Module, count: int, max_bytes: int | None, max_rank: int,
@@ -156,21 +191,41 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: LoraAdapter | None = None,
-               on_event: Callable[[Request, str], None] | None = None) -> Request:
+               on_event: Callable[[Request, str], None] | None = None, *,
+               prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               prompt_embeds: torch.Tensor | None = None) -> Request:
+        """``prefix_kv`` / ``prompt_embeds``: virtual tokens before the prompt (``Request``)."""
         if not prompt_ids:
             raise InvalidPrompt("the prompt is empty")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:  # would fail the batch's forward
             raise InvalidPrompt(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(prompt_ids) + params.max_tokens > self.max_len:
-            raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                                        f"exceeds this replica's context of {self.max_len} tokens")
+        self._check_virtual(prefix_kv, prompt_embeds)
+        req = Request(next(self._ids), list(prompt_ids), params, adapter, on_event, seed=row_seed(params),
+                      prefix_kv=prefix_kv, prompt_embeds=prompt_embeds)
+        if req.context_len + params.max_tokens > self.max_len:
+            virtual = req.context_len - len(prompt_ids)
+            raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens{f' + {virtual} virtual' if virtual else ''})"
+                                        f" + max_tokens ({params.max_tokens}) exceeds this replica's context of "
+                                        f"{self.max_len} tokens")
         if adapter is not None:
             self.slots.check(adapter)
-        req = Request(next(self._ids), list(prompt_ids), params, adapter, on_event,
-                      generator=make_generator(params, self.device))
         with self._lock:
             self._waiting.append(req)
         return req
+
+    def _check_virtual(self, prefix_kv, prompt_embeds) -> None:
+        """Shapes of the virtual-token hooks: a wrong one would fail the forward of other rows."""
+        layers = self.kv.k
+        if prefix_kv is not None:
+            n = prefix_kv[0][0].shape[1] if prefix_kv and prefix_kv[0][0].dim() == 3 else -1
+            want = (layers[0].shape[1], n, layers[0].shape[2])
+            if n < 1 or len(prefix_kv) != len(layers) or any(
+                    tuple(t.shape) != want for kv in prefix_kv for t in kv):
+                raise ValueError(f"prefix_kv must be {len(layers)} (keys, values) pairs shaped (kv_heads, N, head_dim)")
+        if prompt_embeds is not None:
+            hidden = self.model.get_input_embeddings().embedding_dim
+            if prompt_embeds.dim() != 2 or prompt_embeds.shape[0] < 1 or prompt_embeds.shape[1] != hidden:
+                raise ValueError(f"prompt_embeds must be shaped (M, {hidden})")
 
     def abort(self, req: Request) -> None:
         req.cancelled = True  # honoured at the next step boundary
@@ -195,25 +250,30 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill newcomers, decode every row. A failure of one request (its adapter's
-        placement, its prompt's prefill, its numbers, its detokenising) ends that request alone;
-        an exception escaping this method is engine-wide (the decode forward of the whole batch)
-        and the caller ends everything with ``fail_all``."""
+        """Admit, prefill the next chunk of newcomers' prompts, decode every row whose prompt is
+        in. A failure of one request (its adapter's placement, its prompt's prefill, its numbers,
+        its detokenising) ends that request alone; an exception escaping this method is
+        engine-wide (the decode forward of the whole batch) and the caller ends everything with
+        ``fail_all``."""
         self.stats["steps"] += 1
         self._drop_cancelled()
-        new = self._admit()  # already in _running: a failure from here on cannot lose them
-        if new:
+        for req in self._admit():  # already in _running: a failure from here on cannot lose them
+            if req.prefix_kv is not None:
+                self._write_prefix(req)
+        chunks = self._chunks()
+        if chunks:
             try:
-                self._prefill(new)
-            except Exception:  # the prefill forward holds only the newcomers' rows
-                log.exception("prefill of %d new request(s) failed; the running rows go on", len(new))
-                for req in new:
+                self._prefill(chunks)
+            except Exception:  # the prefill forward holds only these rows
+                log.exception("prefill of %d request(s) failed; the running rows go on", len(chunks))
+                for req, _ in chunks:
                     if req.finish_reason is None:
                         self._fail(req, _prefill_failed())
-            self._retire()
-        if self._running:
+        self._retire()
+        if any(r.output_ids for r in self._running):
             self._decode()
             self._retire()
+        self.stats.update(self.kv.usage())
 
     def fail_all(self, exc: BaseException) -> None:
         """An engine-wide failure: end every request with an error rather than hang its caller.
@@ -225,12 +285,13 @@ class Engine:
             failure = _engine_failed()
             failure.__cause__ = exc
             self._fail(req, failure)
+        for req in running:  # bookkeeping only: stale (even NaN) blocks are never read (kv.NULL)
+            self.kv.release(req.id)
+        self.stats.update(self.kv.usage())
         try:
             for req in running:
                 if req.adapter is not None:
                     self.slots.release(req.adapter.key)
-            for row in range(len(running)):  # the rows may hold inf/NaN (RowKVCache.clear)
-                self.kv.clear(row)
         except Exception:  # a dead device raises here
             log.exception("cleaning up after a failed step failed")
 
@@ -249,15 +310,16 @@ class Engine:
         self._retire()
 
     def _admit(self) -> list[Request]:
-        """Move waiting requests into rows (appended to ``_running``), as many as rows, the
-        prefill budget and free adapter slots allow. A request whose adapter cannot be placed
-        is answered with an error at once; no request is ever held only in a local list."""
-        new, failed, budget = [], [], self.max_prefill_tokens
+        """Move waiting requests into rows (appended to ``_running``), oldest first, while rows
+        (``max_batch``), the KV cache's tokens and free adapter slots allow; none overtakes the
+        oldest, so a long request is never starved by short ones. A request whose adapter cannot
+        be placed is answered with an error at once; no request is ever held only in a local list."""
+        new, failed = [], []
         try:
             with self._lock:
                 while self._waiting and len(self._running) + len(new) < self.max_batch:
                     req = self._waiting[0]
-                    if new and len(req.prompt_ids) > budget:
+                    if not self.kv.fits(req.kv_tokens):  # wait for running rows to free tokens
                         break
                     if req.adapter is not None:
                         try:
@@ -270,7 +332,7 @@ class Engine:
                         if slot is None:  # every slot is held by running rows: wait for one to finish
                             break
                         req.slot = slot
-                    budget -= len(req.prompt_ids)
+                    self.kv.reserve(req.id, req.kv_tokens)
                     new.append(self._waiting.popleft())
         finally:
             # Even if something above raised: admitted rows are running (fail_all reaches them)
@@ -295,45 +357,94 @@ class Engine:
         for module in self.modules.values():
             module.prepare(rows, rows_t, rank, scale)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               cache=self.kv, use_cache=True)
+    def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``inputs``: token ids, or input embeddings (floating point) when virtual tokens are in."""
+        given = {"inputs_embeds" if inputs.is_floating_point() else "input_ids": inputs}
+        out = self.model.model(**given, attention_mask=mask, position_ids=positions, cache=self.kv, use_cache=True)
         return out.last_hidden_state
 
-    def _prefill(self, new: list[Request]) -> None:
-        """Prompts of the newcomers (the last rows of ``_running``) into their KV rows."""
-        start, lengths = len(self._running) - len(new), [len(r.prompt_ids) for r in new]
-        t = max(lengths)
-        ids = torch.zeros(len(new), t, dtype=torch.long)
-        for i, r in enumerate(new):  # right padding: a row's tail is never attended to later
-            ids[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+    def _write_prefix(self, req: Request) -> None:
+        """A newcomer's prefix-tuning keys/values into its first KV positions; if that fails,
+        it fails alone."""
+        try:
+            self.kv.write(req.id, 0, req.prefix_kv)
+            req.prefilled = req.prefix_len
+        except Exception:
+            log.exception("writing the prefix of request %s into the KV cache failed", req.id)
+            self._fail(req, _prefill_failed())
+
+    def _chunks(self) -> list[tuple[Request, int]]:
+        """(row, prompt positions to prefill now), oldest rows first, at most ``max_prefill_tokens``
+        in all: a long prompt goes in over several steps while the running rows keep decoding."""
+        chunks, budget = [], self.max_prefill_tokens
+        for req in self._running:
+            todo = req.context_len - req.prefilled
+            if budget <= 0:
+                break
+            if todo > 0 and req.finish_reason is None:
+                chunks.append((req, min(todo, budget)))
+                budget -= chunks[-1][1]
+        return chunks
+
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
+        """The next ``count`` prompt positions of each row, one forward for all; a row whose
+        prompt is then all in gets its first token."""
+        reqs, counts = [r for r, _ in chunks], [c for _, c in chunks]
+        starts = [r.prefilled for r in reqs]
+        t, span = max(counts), max(s + c for s, c in zip(starts, counts))
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(t, device=self.device)
+        mask = (torch.arange(span, device=self.device) <= positions[:, :, None]).unsqueeze(1)
+        inputs = self._chunk_inputs(chunks, t)
+        self._prepare(reqs)
+        self.kv.plan([r.id for r in reqs], starts, counts)
+        hidden = self._forward(inputs, positions, mask)
+        self.stats["prefill_tokens"] += sum(counts)
+        for req, count in chunks:
+            req.prefilled += count
+        done = [i for i, r in enumerate(reqs) if r.prefilled == r.context_len]
+        if done:
+            last = hidden[torch.tensor(done, device=self.device),
+                          torch.tensor([counts[i] - 1 for i in done], device=self.device)]
+            self._emit([reqs[i] for i in done], self.model.lm_head(last))
+
+    def _chunk_inputs(self, chunks: list[tuple[Request, int]], t: int) -> torch.Tensor:
+        """Token ids ``(rows, t)`` of the chunks (right padded: a row's tail is never attended to
+        later), or their input embeddings where a chunk covers a row's ``prompt_embeds``."""
+        ids = torch.zeros(len(chunks), t, dtype=torch.long)
+        embedded = []
+        for i, (req, count) in enumerate(chunks):
+            j, e = req.prefilled - req.prefix_len, req.embeds_len  # j: the chunk's first input
+            if j + count > e:
+                a = max(j, e)
+                ids[i, a - j:count] = torch.tensor(req.prompt_ids[a - e:j + count - e])
+            if j < e:
+                embedded.append((i, req.prompt_embeds[j:min(j + count, e)]))
         ids = ids.to(self.device)
-        positions = torch.arange(t, device=self.device).expand(len(new), t)
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(len(new), 1, t, t)
-        self._prepare(new)
-        self.kv.prefill(start, len(new))
-        hidden = self._forward(ids, positions, mask)
-        last = hidden[torch.arange(len(new), device=self.device),
-                      torch.tensor(lengths, device=self.device) - 1]
-        self.stats["prefill_tokens"] += sum(lengths)
-        self._emit(new, self.model.lm_head(last))
+        if not embedded:
+            return ids
+        x = self.model.get_input_embeddings()(ids)
+        for i, part in embedded:
+            x[i, :len(part)] = part.to(x)
+        return x
 
     def _decode(self) -> None:
-        reqs = self._running
+        """One token for every row whose prompt is in."""
+        reqs = [r for r in self._running if r.output_ids and r.finish_reason is None]
         n = len(reqs)
-        lengths = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs]  # tokens in the cache
-        positions = torch.tensor(lengths, device=self.device)
+        lengths = [r.context_len + len(r.output_ids) - 1 for r in reqs]  # the new token's position
+        packed = torch.tensor([lengths, [r.output_ids[-1] for r in reqs]], device=self.device)
+        positions, ids = packed[0], packed[1].view(n, 1)
         span = max(lengths) + 1
         mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None]).view(n, 1, 1, span)
-        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
         self._prepare(reqs)
-        self.kv.decode(n, positions, span)
+        self.kv.plan([r.id for r in reqs], lengths, [1] * n)
         hidden = self._forward(ids, positions.view(n, 1), mask)
         self.stats["decode_tokens"] += n
         self._emit(reqs, self.model.lm_head(hidden[:, -1]))
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        tokens, bad = choose(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        tokens, bad = choose(logits, [r.params for r in reqs], [r.seed for r in reqs],
+                             [len(r.output_ids) for r in reqs])
         now = time.perf_counter()
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             if i in bad:  # this row's numbers broke (its adapter): it alone stops
@@ -360,12 +471,23 @@ class Engine:
         """New text since the last event; holds back what may still become a stop string or an
         incomplete UTF-8 character.
 
-        Runs for every row at every step on the thread the whole batch shares, so the stop work
-        per token is bounded by the new text and the stops (at most 4, each at most 256
-        characters: ``workers.serve.front``), never by the length of the output so far."""
+        Incremental: only the tokens since the last decoded window are decoded, with the window
+        before them as context (decoders that drop a leading space, or merge bytes, see the same
+        start in both decodes), so a token costs the same at the 10th and the 10,000th. A window
+        ending in an incomplete character (U+FFFD) is kept for the next token. Runs for every row
+        at every step on the thread the whole batch shares, so the stop work per token is bounded
+        by the new text and the stops (at most 4, each at most 256 characters:
+        ``workers.serve.front``), never by the length of the output so far."""
         if self.tokenizer is None:
             return ""
-        req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        a, b = req.decoded
+        if len(req.output_ids) > b:
+            ids = req.output_ids
+            before = self.tokenizer.decode(ids[a:b], skip_special_tokens=True) if b > a else ""
+            window = self.tokenizer.decode(ids[a:], skip_special_tokens=True)
+            if len(window) > len(before) and (not window.endswith("\ufffd") or req.finish_reason is not None):
+                req.text += window[len(before):]
+                req.decoded = (b, len(ids))
         end = len(req.text)
         for stop in req.params.stop:
             # Only where a match may newly end: the unsent text and a stop's length before it.
@@ -373,10 +495,7 @@ class Engine:
             if at != -1:
                 req.text, req.finish_reason, end = req.text[:at], "stop", at
         if req.finish_reason is None:
-            if req.text.endswith("\ufffd"):
-                end -= 1
-            hold = max((_stop_prefix_at_end(req.text, end, stop) for stop in req.params.stop), default=0)
-            end -= hold
+            end -= max((_stop_prefix_at_end(req.text, end, stop) for stop in req.params.stop), default=0)
         end = max(end, req.sent)
         delta, req.sent = req.text[req.sent:end], end
         return delta
@@ -392,25 +511,19 @@ class Engine:
                 req.cancelled = True
 
     def _retire(self) -> None:
-        """Free the rows of finished requests, filling holes with the last rows (one KV copy each)."""
-        done = [i for i, r in enumerate(self._running) if r.finish_reason is not None]
-        if not done:
+        """Give back the KV blocks and adapter slots of finished requests (their blocks' data,
+        even NaN from a failed row, is never read again: ``kv.NULL``)."""
+        keep = [r for r in self._running if r.finish_reason is None]
+        if len(keep) == len(self._running):
             return
-        for i in done:
-            req = self._running[i]
-            if req.finish_reason == "error":
-                self.kv.clear(i)  # before a mover or a newcomer takes the row (RowKVCache.clear)
+        for req in self._running:
+            if req.finish_reason is None:
+                continue
+            self.kv.release(req.id)
             if req.adapter is not None:
                 self.slots.release(req.adapter.key)
             if req.finish_reason == "abort":
                 self._notify(req, "")
             self.stats["requests_finished"] += 1
-        rows = self._running
-        keep = len(rows) - len(done)
-        holes = [i for i in done if i < keep]
-        movers = [i for i in range(keep, len(rows)) if rows[i].finish_reason is None]
-        for dst, src in zip(holes, movers):
-            self.kv.move(src, dst, len(rows[src].prompt_ids) + len(rows[src].output_ids))
-            rows[dst] = rows[src]
-        self._running = rows[:keep]
+        self._running = keep
         self._composition = None

@@ -1,57 +1,123 @@
-"""A preallocated KV cache with one row per running request and per-row lengths.
+"""A paged KV cache: per layer, one pool of fixed-size token blocks; per request, a block list.
 
-Rows are the batch: row i of every forward is row i of the cache, so a decode step attends to a
-view of the buffers, never a concatenation. Each request's keys start at position 0 of its row
-(no left padding): a new request is prefilled straight into a free row while others run, and a
-finished one is replaced by moving the last row into its place. It quacks like a transformers
-``Cache`` for the one call the attention layers make (``update``); the engine passes explicit
-position ids and a 4-D mask, so nothing else is asked of it.
+Memory is a token budget, whatever ``max_batch`` and ``max_len`` are: a request is admitted when
+the blocks for its own length (prompt + max_tokens, rounded up to whole blocks) are free, and it
+holds them until it leaves, so concurrency is limited by the tokens in flight and a running row
+never waits for memory (no preemption to get wrong). Blocks are taken from the pool as the row
+grows, so ``usage`` shows what is really filled beside what is promised.
+
+The engine describes each forward with ``plan``: row r writes ``counts[r]`` tokens at positions
+``starts[r]...`` (a prefill chunk, or 1 for decode) and attends to its positions ``0..starts[r] +
+counts[r] - 1``. It quacks like a transformers ``Cache`` for the one call the attention layers make
+(``update``): the new keys are scattered into their rows' slots, and each row's keys are gathered
+back as a ``(rows, kv_heads, span, head_dim)`` view for attention under the engine's 4-D mask.
+
+Two blocks are never handed out: ``NULL`` (all zeros, never written) is what a row reads past its
+own length, so a masked position never meets stale data (masked attention over a NaN left by a
+failed request is still NaN: 0 × NaN); ``TRASH`` (never read) takes the padding of ragged chunks.
 """
 
 from __future__ import annotations
 
 import torch
 
+NULL, TRASH = 0, 1  # block ids
 
-class RowKVCache:
-    def __init__(self, *, layers: int, rows: int, kv_heads: int, head_dim: int, max_len: int,
+
+class PagedKVCache:
+    def __init__(self, *, layers: int, kv_heads: int, head_dim: int, tokens: int, block_size: int = 16,
                  dtype: torch.dtype, device: torch.device):
-        shape = (rows, kv_heads, max_len, head_dim)
+        self.block_size, self.device = block_size, device
+        self.blocks = -(-tokens // block_size)  # usable blocks: the budget, rounded up
+        shape = ((self.blocks + 2) * block_size, kv_heads, head_dim)  # + NULL and TRASH
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.max_len = max_len
-        self._mode: tuple = ()
+        self._free = list(range(self.blocks + 1, TRASH, -1))  # pop() hands out low ids first
+        self._held: dict[object, list[int]] = {}  # request key → its blocks, in position order
+        self._promised: dict[object, int] = {}  # request key → blocks reserved for its whole length
+        self._reserved = 0
+        self._plan: tuple | None = None
 
-    def prefill(self, start: int, count: int) -> None:
-        """The next forward writes prompts (positions 0..T-1) into rows start..start+count-1."""
-        self._mode = ("prefill", start, count)
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.block_size
 
-    def decode(self, rows: int, positions: torch.Tensor, span: int) -> None:
-        """The next forward writes one token per row 0..rows-1 at ``positions`` and attends to
-        the first ``span`` positions (the caller's mask hides each row's unused tail)."""
-        self._mode = ("decode", rows, positions, torch.arange(rows, device=positions.device), span)
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def fits(self, tokens: int) -> bool:
+        """Whether a request of ``tokens`` positions can be admitted now."""
+        return self._reserved + self._blocks_for(tokens) <= self.blocks
+
+    def reserve(self, key: object, tokens: int) -> None:
+        need = self._blocks_for(tokens)
+        if self._reserved + need > self.blocks:
+            raise RuntimeError(f"KV cache: {tokens} tokens do not fit (check fits() first)")
+        self._promised[key], self._held[key] = need, []
+        self._reserved += need
+
+    def release(self, key: object) -> None:
+        self._free.extend(reversed(self._held.pop(key, [])))
+        self._reserved -= self._promised.pop(key, 0)
+
+    def _grow(self, key: object, length: int) -> list[int]:
+        blocks = self._held[key]
+        need = self._blocks_for(length)
+        if need > self._promised[key]:
+            raise RuntimeError(f"KV cache: row {key!r} grew past its reservation")
+        while len(blocks) < need:
+            blocks.append(self._free.pop())
+        return blocks
+
+    def usage(self) -> dict:
+        held = sum(len(b) for b in self._held.values()) * self.block_size
+        return {"kv_tokens_total": self.tokens, "kv_tokens_reserved": self._reserved * self.block_size,
+                "kv_tokens_held": held, "kv_tokens_free": self.tokens - self._reserved * self.block_size}
+
+    def write(self, key: object, start: int, layers_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put precomputed keys/values ``(kv_heads, n, head_dim)`` per layer at positions
+        ``start..start+n-1`` of a row (prefix tuning's virtual tokens)."""
+        n = layers_kv[0][0].shape[1]
+        blocks = self._grow(key, start + n)
+        pos = torch.arange(start, start + n)
+        slots = (torch.tensor(blocks)[pos // self.block_size] * self.block_size + pos % self.block_size
+                 ).to(self.device)
+        for pool_k, pool_v, (k, v) in zip(self.k, self.v, layers_kv, strict=True):
+            pool_k.index_copy_(0, slots, k.transpose(0, 1).to(pool_k))
+            pool_v.index_copy_(0, slots, v.transpose(0, 1).to(pool_v))
+
+    def plan(self, keys: list, starts: list[int], counts: list[int]) -> None:
+        """The next forward: row r writes ``counts[r]`` tokens at ``starts[r]...`` (padded to the
+        longest count) and attends to its first ``starts[r] + counts[r]`` positions."""
+        b = self.block_size
+        ends = [s + c for s, c in zip(starts, counts)]
+        tables = [self._grow(k, e) for k, e in zip(keys, ends)]
+        width = max(len(t) for t in tables)
+        # One host→device copy per forward: block tables (padded with NULL), starts, counts.
+        packed = torch.tensor([t + [NULL] * (width - len(t)) + [s, c] for t, s, c in zip(tables, starts, counts)],
+                              device=self.device)
+        table, start, count = packed[:, :width], packed[:, width:width + 1], packed[:, width + 1:]
+        t = max(counts)
+        pos = start + torch.arange(t, device=self.device)  # (rows, t): the positions written
+        written = table.gather(1, (pos // b).clamp(max=width - 1)) * b + pos % b
+        write = torch.where(pos < start + count, written, TRASH * b).view(-1)
+        if not any(starts):  # every row starts empty: attention needs only the new keys
+            self._plan = (write, None, t)
+            return
+        span = max(ends)
+        pos = torch.arange(span, device=self.device).expand(len(keys), span)
+        read = torch.where(pos < start + count, table.gather(1, (pos // b).clamp(max=width - 1)) * b + pos % b,
+                           NULL * b)
+        self._plan = (write, read.view(-1), span)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        if self._mode[0] == "prefill":
-            _, start, count = self._mode
-            t = key.shape[2]
-            k[start:start + count, :, :t] = key
-            v[start:start + count, :, :t] = value
+        write, read, span = self._plan
+        rows, heads, t, dim = key.shape
+        pool_k, pool_v = self.k[layer_idx], self.v[layer_idx]
+        pool_k.index_copy_(0, write, key.transpose(1, 2).reshape(rows * t, heads, dim))
+        pool_v.index_copy_(0, write, value.transpose(1, 2).reshape(rows * t, heads, dim))
+        if read is None:
             return key, value
-        _, rows, positions, arange, span = self._mode
-        k[arange, :, positions] = key[:, :, 0]
-        v[arange, :, positions] = value[:, :, 0]
-        return k[:rows, :, :span], v[:rows, :, :span]
-
-    def clear(self, row: int) -> None:
-        """Zero a row. A request that failed may have left inf/NaN in it; whoever gets the row
-        next attends over its stale tail with a mask, and a masked weight of 0 times NaN is NaN."""
-        for k, v in zip(self.k, self.v):
-            k[row].zero_()
-            v[row].zero_()
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+        k = pool_k.index_select(0, read).view(rows, span, heads, dim).transpose(1, 2)
+        v = pool_v.index_select(0, read).view(rows, span, heads, dim).transpose(1, 2)
+        return k, v

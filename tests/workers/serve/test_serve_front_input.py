@@ -104,10 +104,10 @@ def test_a_library_valueerror_is_a_400_in_our_words(ask, monkeypatch):
     """What PyTorch said for seed=2**64 (before seeds were bounded) reached the tenant verbatim."""
     from workers.serve import engine as engine_module
 
-    def refuse(params, device):
+    def refuse(params):
         raise ValueError("Overflow when unpacking long long")
 
-    monkeypatch.setattr(engine_module, "make_generator", refuse)
+    monkeypatch.setattr(engine_module, "row_seed", refuse)
     p = _problem(ask("completion", {"model": BASE_ID, "prompt": "Hi", "temperature": 1}))
     assert (p["status"], p["code"]) == (400, "invalid_request"), p
     assert "Overflow" not in p["detail"] and p["param"] is None
@@ -137,14 +137,14 @@ def test_stop_strings_are_bounded_in_length(ask):
 
 
 class FixedText:
-    """A tokenizer whose whole output decodes to one long text at no cost: what is measured below
-    is the engine's stop-string work alone."""
+    """A tokenizer whose token 1 decodes to one long text (token 2 to ``tail``) at no cost: what
+    is measured below is the engine's stop-string work alone."""
 
-    def __init__(self, text: str):
-        self.text = text
+    def __init__(self, text: str, tail: str = ""):
+        self.pieces = {1: text, 2: tail}
 
     def decode(self, ids, skip_special_tokens=True):
-        return self.text
+        return "".join(self.pieces[i] for i in ids)
 
 
 def test_stop_work_per_token_does_not_grow_with_the_output(engine):
@@ -174,7 +174,8 @@ def test_stop_work_per_token_does_not_grow_with_the_output(engine):
         engine.tokenizer = saved
     assert elapsed < 20 * short + 0.02, f"{elapsed:.4f}s vs {short:.4f}s for 50 steps over 1M vs 1k chars"
     assert first == text[:-1] and later == [""] * 50  # the last "a" may start a stop: held back
-    engine.tokenizer = FixedText(text + "b" * (MAX_STOP_CHARS - 2) + "2!")
+    engine.tokenizer = FixedText(text, "b" * (MAX_STOP_CHARS - 2) + "2!")
+    req.output_ids.append(2)  # the next token completes a stop
     try:  # the stop completed: the text ends where it began, and nothing of it was ever sent
         assert engine._detokenize(req) == ""
         assert req.finish_reason == "stop" and req.text == text[:-1]
