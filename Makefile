@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench bench-quick lint clean
+.PHONY: install chromium demo test test-fast bench bench-quick lint clean
 
 $(BIN)/.installed: pyproject.toml sdk/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,13 @@ $(BIN)/.installed: pyproject.toml sdk/pyproject.toml
 	$(BIN)/pip install -q -e '.[test,bench]' -e 'sdk[cli]'
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed chromium
+
+# tests/browser drive Debian's chromium through Playwright (whose own browser download cannot
+# work here); installed when missing (as root, as on this machine kind and in CI).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: install
 	$(BIN)/lorafleet demo

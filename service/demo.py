@@ -98,7 +98,10 @@ def main() -> int:
                 tenant = admin.admin.tenants.create(name)
                 key = admin.admin.api_keys.create(tenant.id, name="demo")
                 tenants[name] = Client(base_url=info["url"], api_key=key.key)
-                print(f"   {name}: {tenant.id} (key {key.prefix}…)")
+                print(f"   {name}: {tenant.id}  key {key.key}")
+            # the console shows each tenant's job and its loss curve while it trains
+            print(f"   Console: {info['url']}/console  (sign in with a key above; admin token "
+                  f"{info['admin_token']})")
         acme, bravo = tenants["acme-pirates"], tenants["bravo-corp"]
 
         with stages.stage("Upload each tenant's dataset"):
@@ -141,6 +144,11 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - the demo reports, it does not trace back
         failures.append(f"{type(exc).__name__}: {exc}")
     finally:
+        if proc is not None and sys.stdin.isatty():  # someone is watching: let them look first
+            try:
+                input(f"\nThe console stays up at {info['url']}/console; press Enter to shut down. ")
+            except (EOFError, KeyboardInterrupt):
+                pass
         with stages.stage("Shut down"):
             if proc is not None:
                 proc.terminate()  # the server stops its scheduler and the serving app

@@ -21,6 +21,7 @@ from service.api.middleware import AuthGate, BodyGuard, RequestMiddleware
 from service.api.openapi import document_problems
 from service.api.routes import admin, blends, exports, files, health, inference, internal, jobs, models, operations_internal
 from service.catalog.repository import DEFAULT_BASE_MODEL, ensure_base_model
+from service.console import router as console
 from service.db.migrate import upgrade_to_head
 from service.db.session import engine_from_settings, make_read_session_factory, make_session_factory
 from service.files.upload import ENVELOPE_BYTES
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (admin, files, jobs, exports, blends, models, inference, internal, operations_internal, health):
         app.include_router(module.router)
     document_problems(app)
+    console.mount(app)  # the web console: static pages over the public API above
     # Added last = outermost. Request ids and metrics see every response, replays included;
     # then authentication from the headers alone; then the body limit, so nothing inside
     # (idempotency's read-ahead, FastAPI's JSON parsing) ever holds more than the limit.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -104,6 +106,23 @@ def _show(value: BaseModel, as_json: bool, fields: list[str]) -> None:
 # --------------------------------------------------------------------------- stack
 
 
+SERVER_COMMANDS = "lorafleet.server"  # the entry-point group the server package registers
+
+
+def _server_command(name: str) -> Callable[..., Any]:
+    """``up`` and ``demo`` live in the server package: found through its entry point, so this
+    package never imports it (and installs without it)."""
+    found = list(entry_points(group=SERVER_COMMANDS, name=name))
+    if not found:
+        raise LoraFleetError(f"`lorafleet {name}` needs the LoRA Fleet server package, which is not "
+                             "installed (pip install -e . in the repository)")
+    try:
+        return found[0].load()
+    except ImportError as exc:
+        raise LoraFleetError(f"`lorafleet {name}` needs the LoRA Fleet server package, which does not "
+                             f"import ({exc}); reinstall it (pip install -e . in the repository)") from None
+
+
 @app.command()
 def up(
     port: Annotated[Optional[int], typer.Option(help="API port (default 8000).")] = None,
@@ -112,24 +131,10 @@ def up(
     serve_port: Annotated[int, typer.Option(help="Serving port.")] = 8001,
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs for the local Ray.")] = None,
 ) -> None:
-    """Start the embedded stack (SQLite, local object store, local Ray, API, scheduler, serving)."""
+    """Start the embedded stack (SQLite, local object store, local Ray, API, scheduler, serving, console)."""
+    run = _server_command("up")
     try:
-        from service.embedded import embedded_settings, run_stack
-    except ImportError as exc:
-        raise LoraFleetError(f"the control plane is not installed ({exc}); install the `lorafleet` "
-                             "server package (pip install -e . in the repository)") from None
-    overrides = {k: v for k, v in {"port": port, "data_dir": data_dir}.items() if v is not None}
-    settings = embedded_settings(**overrides)
-
-    def ready(s: Any) -> None:
-        url = f"http://{s.host}:{s.port}"
-        out.print(f"LoRA Fleet is up at {url}  (serving: {s.serve_url or 'off'})", markup=False)
-        out.print(f"export LORAFLEET_BASE_URL={url}", markup=False)
-        out.print(f"export LORAFLEET_ADMIN_TOKEN={s.admin_token.get_secret_value()}", markup=False)
-        err.print("Ctrl-C stops the API and scheduler.")
-
-    try:
-        run_stack(settings, serving=serving, serve_port=serve_port, num_cpus=num_cpus, on_ready=ready)
+        run(port=port, data_dir=data_dir, serving=serving, serve_port=serve_port, num_cpus=num_cpus)
     except RuntimeError as exc:  # Ray or serving could not start: the reason, not a traceback
         raise LoraFleetError(f"the stack did not start: {exc}") from None
     except KeyboardInterrupt:
@@ -139,11 +144,7 @@ def up(
 @app.command()
 def demo() -> None:
     """The whole story: two tenants, a LoRA and a QLoRA fine-tune, answers side by side."""
-    try:
-        from service.demo import main as demo_main
-    except ImportError as exc:
-        raise LoraFleetError(f"the demo needs the control plane package ({exc})") from None
-    code = demo_main()
+    code = _server_command("demo")()
     raise typer.Exit(code if isinstance(code, int) else 0)
 
 

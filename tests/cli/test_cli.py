@@ -165,9 +165,27 @@ def _cli_with_modules(modules: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_up_and_demo_without_the_control_plane():
-    missing = "sys.modules['service.embedded'] = None; sys.modules['service.demo'] = None"
-    assert_one_line_error(_cli_with_modules(missing, "up"), "error: the control plane is not installed")
-    assert_one_line_error(_cli_with_modules(missing, "demo"), "error: the demo needs the control plane package")
+    # the server package not installed: nothing registers the entry points the CLI looks up
+    absent = ("import importlib.metadata as md; real = md.entry_points\n"
+              "md.entry_points = lambda **kw: md.EntryPoints(()) if kw.get('group') == 'lorafleet.server' else real(**kw)")
+    for command in ("up", "demo"):
+        assert_one_line_error(_cli_with_modules(absent, command),
+                              f"error: `lorafleet {command}` needs the LoRA Fleet server package, which is not installed")
+    # registered but broken (a half-removed install): the same kind of line, naming the import
+    broken = "sys.modules['service.embedded'] = None; sys.modules['service.demo'] = None"
+    assert_one_line_error(_cli_with_modules(broken, "up"),
+                          "error: `lorafleet up` needs the LoRA Fleet server package, which does not import")
+
+
+def test_the_sdk_never_imports_the_server_package():
+    import ast
+
+    sdk = Path(__file__).resolve().parents[2] / "sdk"
+    for path in sdk.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] in ("service", "workers") for n in names), (path, names)
 
 
 def test_up_and_demo_call_the_stack_entry_points(tmp_path):
@@ -194,3 +212,4 @@ sys.modules['service.demo'], sys.modules['service.embedded'] = demo, emb
     assert lines[0] == f"run_stack 8123 {tmp_path} False 8001 None"
     assert "export LORAFLEET_BASE_URL=http://127.0.0.1:8123" in lines
     assert "export LORAFLEET_ADMIN_TOKEN=tok" in lines
+    assert any(line.startswith("Console: http://127.0.0.1:8123/console") for line in lines)

@@ -1,0 +1,1 @@
+"""The web console at /console: static pages that speak only the public REST API."""

@@ -1,0 +1,135 @@
+"""The console in headless Chromium (Debian's `chromium`, driven by Playwright's pip wheel) against
+the real control plane of tests/sdk/live_stack.py: one stack and one browser per session.
+
+Nothing here skips: without chromium or playwright the tests fail and say `make install`
+installs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sdk"))  # live_stack beside the SDK tests
+
+import lorafleet  # noqa: E402
+from live_stack import LiveStack, start_stack  # noqa: E402
+
+SCREENSHOTS = Path(__file__).with_name("screenshots")  # git-ignored; docs/img holds the README's copies
+INSTALL_HINT = "`make install` installs it (apt-get install -y chromium; the playwright wheel from the test extra)"
+
+
+def chromium_path() -> str:
+    path = os.environ.get("LORAFLEET_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail(f"chromium is not installed: {INSTALL_HINT}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the playwright package is not installed: {INSTALL_HINT}", pytrace=False)
+    executable = chromium_path()
+    with sync_playwright() as p:
+        # Playwright's own browser download cannot work here: it drives the system chromium.
+        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> LiveStack:
+    s = start_stack(tmp_path_factory.mktemp("console-stack"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(stack) -> lorafleet.Client:
+    with lorafleet.Client(base_url=stack.base_url, admin_token=stack.admin_token, api_key="unused") as c:
+        yield c
+
+
+@dataclass
+class Tenant:
+    id: str
+    key: str
+    client: lorafleet.Client
+
+
+@pytest.fixture
+def make_tenant(stack, admin):
+    """make_tenant() -> a new tenant with its API key and an SDK client on it."""
+    made: list[Tenant] = []
+
+    def make() -> Tenant:
+        t = admin.admin.tenants.create(f"t-{uuid.uuid4().hex[:8]}")
+        key = admin.admin.api_keys.create(t.id, name="browser").key
+        made.append(Tenant(t.id, key, lorafleet.Client(base_url=stack.base_url, api_key=key, max_retries=1)))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.client.close()
+
+
+class Watched:
+    """A page whose dialogs (an alert from injected markup), uncaught errors and console errors
+    (CSP refusals land there) fail the test; a 4xx answer the test provoked is not one."""
+
+    def __init__(self, page):
+        self.page, self.problems = page, []
+        page.on("dialog", lambda d: (self.problems.append(f"dialog fired: {d.message!r}"), d.dismiss()))
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
+                and self.problems.append(f"console error: {m.text}"))
+
+
+@pytest.fixture
+def open_page(browser, stack):
+    """open_page(width=1280, height=800) -> a fresh context's page at /console, watched."""
+    contexts, watched = [], []
+
+    def make(width: int = 1280, height: int = 800):
+        ctx = browser.new_context(viewport={"width": width, "height": height}, base_url=stack.base_url)
+        contexts.append(ctx)
+        w = Watched(ctx.new_page())
+        watched.append(w)
+        w.page.goto("/console")
+        return w.page
+
+    yield make
+    problems = [p for w in watched for p in w.problems]
+    for ctx in contexts:
+        ctx.close()
+    assert not problems, problems
+
+
+def sign_in(page, secret: str, role: str = "tenant") -> None:
+    page.select_option("#role", role)
+    page.fill("#secret", secret)
+    page.press("#secret", "Enter")
+    page.wait_for_selector("#jobs-list" if role == "tenant" else "#tenants table")
+
+
+def until(page, js: str, timeout_s: float = 20) -> None:
+    """Polls a JS expression until it is truthy. page.wait_for_function would evaluate a string in
+    the page, which the console's CSP (no 'unsafe-eval') rightly refuses."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(js):
+        assert time.monotonic() < deadline, f"still false after {timeout_s} s: {js}"
+        page.wait_for_timeout(50)
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
