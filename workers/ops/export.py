@@ -6,7 +6,7 @@
 files a user loads with ``AutoModelForCausalLM``: sharded safetensors, config, generation
 config and tokenizer, plus ``manifest.json`` with every file's sha256.
 
-Runnable without Ray: ``python -m workers.ops.export --base DIR --adapter DIR --method lora --out DIR``.
+Runnable without Ray: ``python -m workers.ops.export --base DIR --adapter DIR [--quantized] --out DIR``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from workers.spec import FileDigest
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
 # PEFT types whose weights fold into the base's: prompt / prefix tuning add virtual tokens instead.
-MERGEABLE_PEFT_TYPES = {"LORA"}
+MERGEABLE_PEFT_TYPES = {"LORA", "ADALORA", "IA3"}
 
 
 class NotMergeable(ValueError):
@@ -56,14 +56,14 @@ def check_mergeable(adapter_config: dict) -> None:
                            f"virtual tokens, not weights; serve it as an adapter instead")
 
 
-def merged_model(base_dir: Path, adapter_dir: Path, *, method: str):
-    """base (dequantised for ``qlora``) + adapter, merged in float32."""
+def merged_model(base_dir: Path, adapter_dir: Path, *, quantized: bool):
+    """base (dequantised from NF4 when the adapter was ``quantized``) + adapter, merged in float32."""
     import json
 
     from peft import PeftModel
 
     check_mergeable(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()))
-    base = dequantized_base(base_dir) if method == "qlora" else full_precision_base(base_dir)
+    base = dequantized_base(base_dir) if quantized else full_precision_base(base_dir)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
@@ -91,11 +91,11 @@ def digests(directory: Path) -> dict[str, FileDigest]:
     return out
 
 
-def export_local(base_dir: Path, adapter_dir: Path, out_dir: Path, *, method: str,
+def export_local(base_dir: Path, adapter_dir: Path, out_dir: Path, *, quantized: bool,
                  dtype: str = "float32", max_shard_size: str = "2GB") -> dict[str, FileDigest]:
     from transformers import AutoTokenizer
 
-    model = merged_model(base_dir, adapter_dir, method=method)
+    model = merged_model(base_dir, adapter_dir, quantized=quantized)
     return write_model(model, AutoTokenizer.from_pretrained(base_dir), out_dir, dtype=dtype,
                        max_shard_size=max_shard_size)
 
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Merge a LoRA/QLoRA adapter into its base model")
     parser.add_argument("--base", required=True, type=Path, help="the base model's HF directory")
     parser.add_argument("--adapter", required=True, type=Path, help="the PEFT adapter directory")
-    parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    parser.add_argument("--quantized", action="store_true", help="the adapter was trained on the NF4 base (QLoRA)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--max-shard-size", default="2GB")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    files = export_local(args.base, args.adapter, args.out, method=args.method, dtype=args.dtype,
+    files = export_local(args.base, args.adapter, args.out, quantized=args.quantized, dtype=args.dtype,
                          max_shard_size=args.max_shard_size)
     print(f"wrote {len(files)} files to {args.out}")
 

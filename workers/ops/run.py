@@ -52,9 +52,10 @@ def _export(spec: OperationSpec, store: ObjectStore, base_dir: Path, work: Path)
     from workers.ops.export import export_local
 
     source = spec.adapters[0]
-    fetch_adapter(store, source.prefix, work / "adapter")
-    files = export_local(base_dir, work / "adapter", work / "out", method=spec.method, dtype=spec.dtype,
-                         max_shard_size=spec.max_shard_size)
+    trained = fetch_adapter(store, source.prefix, work / "adapter")
+    # An adapter trained on the 4-bit base is merged into that base, dequantised (chapter 6.8.3).
+    files = export_local(base_dir, work / "adapter", work / "out", quantized=trained.quantization == "nf4",
+                         dtype=spec.dtype, max_shard_size=spec.max_shard_size)
     upload_verified(store, work / "out", spec.output_prefix, files)
     manifest = ExportManifest(export_id=spec.operation_id, adapter_id=source.id, tenant_id=spec.tenant_id,
                               base_model=spec.base_model, method=spec.method, dtype=spec.dtype, files=files)
