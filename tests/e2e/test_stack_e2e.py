@@ -42,7 +42,9 @@ def _events(client, job_id):
     out, after = [], None
     while True:
         params = {"order": "asc", "limit": 100, **({"after": after} if after else {})}
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+        resp = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
         out += page["data"]
         if not page["has_more"]:
             return out
@@ -141,14 +143,20 @@ def test_server_killed_mid_run_every_job_ends_once(ray_cluster, tmp_path_factory
     try:
         client = stack.tenant("crashy")
         file_id = _upload(client, "pirate_chat.jsonl", lines=48)
-        jobs = [_create(client, file_id, "lora", n_epochs=1) for _ in range(3)]
-        # Wait until one run reports progress, then kill the server without warning.
+        # Runs long enough (24 steps) that the server can be killed while one is mid-run.
+        jobs = [_create(client, file_id, "lora", n_epochs=4) for _ in range(3)]
+        # Wait until a running job has reported progress while another still waits, then kill
+        # the server without warning. The state is read in one pass, so it is what was killed.
         deadline = time.monotonic() + 300
-        while not any(e["type"] == "metrics" for j in jobs for e in _events(client, j)):
-            assert time.monotonic() < deadline, "no run reported progress"
-            time.sleep(1)
-        statuses = {j: client.get(f"/v1/fine_tuning/jobs/{j}").json()["status"] for j in jobs}
-        assert "running" in statuses.values() and "queued" in statuses.values(), statuses
+        while True:
+            statuses = {j: client.get(f"/v1/fine_tuning/jobs/{j}").json()["status"] for j in jobs}
+            running = [j for j, s in statuses.items() if s == "running"]
+            if ("queued" in statuses.values()
+                    and any(e["type"] == "metrics" for j in running for e in _events(client, j))):
+                break
+            assert "queued" in statuses.values(), f"every job started before one reported progress: {statuses}"
+            assert time.monotonic() < deadline, f"no run reported progress: {statuses}"
+            time.sleep(1)  # ~5 requests a pass: well inside the tenant's 600 a minute
         stack.kill9()
         time.sleep(3)  # runs keep going (and retry their reports) while the server is down
         stack.start()
