@@ -25,6 +25,11 @@ def metrics(step: int, loss: float, lr: float, total: int = len(CURVE)) -> dict:
             "data": {"step": step, "total_steps": total, "train_loss": loss, "learning_rate": lr, "eta_s": 2.0 * (total - step)}}
 
 
+def api_has(stack, path: str) -> bool:
+    """Whether the API documents this route: the console shows the matching button only then."""
+    return path in httpx.get(stack.base_url + "/openapi.json").json()["paths"]
+
+
 def run_job(stack, tenant, suffix: str, curve=CURVE) -> tuple[str, str]:
     f = tenant.client.files.create(DATASET, filename=f"{suffix}.jsonl")
     job = tenant.client.fine_tuning.jobs.create(model="lorafleet/tiny-llama", training_file=f.id, suffix=suffix)
@@ -114,6 +119,12 @@ def test_job_curve_grows_while_it_trains_then_cancel(stack, open_page, make_tena
         assert "ETA" in page.locator("#job-progress").text_content()
         assert page.locator("#job-summary").get_by_text("lora").count() >= 1
 
+        if api_has(stack, "/v1/fine_tuning/jobs/{job_id}/pause"):
+            page.click("#job-pause")
+            until(page, "document.querySelector('#job-status').textContent === 'pausing'")
+            assert page.locator("#job-pause").count() == 0 and page.locator("#job-resume").count() == 0
+        else:  # absent, not broken
+            assert page.locator("#job-pause").count() == 0
         page.click("#job-cancel")
         until(page, "['cancelling', 'cancelled'].includes(document.querySelector('#job-status').textContent)")
         assert tenant.client.fine_tuning.jobs.retrieve(job_id).status in ("cancelling", "cancelled")
@@ -141,7 +152,17 @@ def test_finished_job_page_and_jobs_list(stack, open_page, make_tenant):
     assert page.locator("#job-cancel").count() == 0
     screenshot(page, "job")
     page.click("text=Models")
-    page.locator(f"tr[data-adapter='{adapter}']").wait_for()
+    row = page.locator(f"tr[data-adapter='{adapter}']")
+    row.wait_for()
+    export = row.get_by_role("button", name=f"Export {adapter} merged into its base")
+    if api_has(stack, "/v1/models/{adapter_id}/exports"):
+        export.click()
+        until(page, f"document.querySelector('#models-note').textContent.includes('of {adapter}: ')")
+        exports = httpx.get(f"{stack.base_url}/v1/models/{adapter}/exports",
+                            headers={"Authorization": f"Bearer {tenant.key}"}).json()["data"]
+        assert [e["adapter"] for e in exports] == [adapter]
+    else:  # absent, not broken
+        assert export.count() == 0
 
 
 def test_playground_streams_base_and_two_adapters_side_by_side(stack, open_page, make_tenant):

@@ -5,8 +5,8 @@ import { lossChart } from "../chart.js";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 // Which action each state allows; pause/resume appear only where the API has those routes.
 const ACTIONS = {
-  cancel: (s) => ["validating_files", "queued", "running", "paused"].includes(s),
-  pause: (s) => ["queued", "running"].includes(s),
+  cancel: (s) => ["validating_files", "queued", "running", "pausing", "paused"].includes(s),
+  pause: (s) => s === "running",
   resume: (s) => s === "paused",
 };
 

@@ -19,7 +19,8 @@ async function download(adapterId, name) {
 export function modelsView(view) {
   const base = h("section", {}, h("h2", { text: "Base models" }));
   const adapters = h("section", { id: "adapters" }, h("h2", { text: "Your adapters" }));
-  replace(view, h("h1", { text: "Models" }), base, adapters);
+  const note = h("p", { id: "models-note", class: "ok", role: "status" });
+  replace(view, h("h1", { text: "Models" }), note, base, adapters);
   const guard = (fn) => async () => {
     try {
       await fn();
@@ -30,7 +31,7 @@ export function modelsView(view) {
   };
   async function load() {
     const models = (await get("/v1/models")).data;
-    const canExport = await hasPath("/v1/adapters/{adapter_id}/export");
+    const canExport = await hasPath("/v1/models/{adapter_id}/exports");
     replace(base, h("h2", { text: "Base models" }), table([["Model", (m) => m.id], ["Added", (m) => when(m.created)]],
       models.filter((m) => m.owned_by === "lorafleet")));
     const mine = models.filter((m) => m.owned_by !== "lorafleet");
@@ -43,7 +44,8 @@ export function modelsView(view) {
         h("button", { type: "button", class: "link", text: f.name, onclick: guard(() => download(a.id, f.name)) }),
         " ", h("code", { class: "sha", title: f.sha256, text: f.sha256.slice(0, 12) }))))],
       ["", (a) => [
-        canExport ? h("button", { type: "button", text: "Export", onclick: guard(() => post(`/v1/adapters/${encodeURIComponent(a.id)}/export`)) }) : null,
+        canExport ? h("button", { type: "button", text: "Export", "aria-label": `Export ${a.id} merged into its base`,
+          onclick: guard(async () => { const op = await post(`/v1/models/${encodeURIComponent(a.id)}/exports`); note.textContent = `Export ${op.id} of ${a.id}: ${op.status}`; }) }) : null,
         h("button", { type: "button", class: "danger", text: "Delete", "aria-label": `Delete ${a.id}`,
           onclick: guard(async () => { if (confirm(`Delete ${a.id}?`)) await del(`/v1/models/${encodeURIComponent(a.id)}`); }) }),
       ]],
