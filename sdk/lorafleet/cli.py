@@ -379,6 +379,48 @@ def adapters_download(ctx: typer.Context, adapter_id: str,
     out.print(str(folder), markup=False)
 
 
+@models_app.command("export")
+def models_export(ctx: typer.Context, adapter_id: str,
+                  dtype: Annotated[str, typer.Option(help="Saved weights: float32, bfloat16 or float16.")] = "float32",
+                  wait: Annotated[bool, typer.Option("--wait", help="Wait until the export ends.")] = False,
+                  download: Annotated[Optional[Path], typer.Option(help="Then download the model here.")] = None,
+                  as_json: JsonOpt = False) -> None:
+    """Merge an adapter into its base model: a full model AutoModelForCausalLM loads."""
+    client = _client(ctx)
+    export = client.models.exports.create(adapter_id, dtype=dtype)
+    if wait or download:
+        export = client.models.exports.wait(export.id)
+    if download:
+        folder = client.models.exports.download(export.id, download)
+        if not as_json:
+            out.print(str(folder), markup=False)
+            return
+    _show(export, as_json, ["id", "adapter", "status", "dtype"])
+
+
+@adapters_app.command("blend")
+def adapters_blend(ctx: typer.Context,
+                   adapters: Annotated[list[str], typer.Argument(help="ADAPTER_ID:WEIGHT, one per adapter.")],
+                   name: Annotated[str, typer.Option(help="Names the new adapter.")],
+                   combination: Annotated[str, typer.Option(help="cat, linear, svd, ties, dare_linear, ...")] = "cat",
+                   density: Annotated[Optional[float], typer.Option(help="For ties / dare / magnitude_prune.")] = None,
+                   wait: Annotated[bool, typer.Option("--wait", help="Wait until the blend ends.")] = False,
+                   as_json: JsonOpt = False) -> None:
+    """A new adapter of yours from weighted adapters of one base model."""
+    pairs = []
+    for item in adapters:
+        adapter_id, _, weight = item.rpartition(":")
+        try:
+            pairs.append((adapter_id, float(weight)))
+        except ValueError:
+            raise typer.BadParameter(f"{item!r} is not ADAPTER_ID:WEIGHT") from None
+    client = _client(ctx)
+    blend = client.adapters.blends.create(pairs, name=name, combination=combination, density=density)
+    if wait:
+        blend = client.adapters.blends.wait(blend.id)
+    _show(blend, as_json, ["id", "status", "combination", "fine_tuned_model"])
+
+
 @app.command()
 def chat(ctx: typer.Context, prompt: str,
          model: Annotated[str, typer.Option(help="An adapter id of yours or a base model id.")],

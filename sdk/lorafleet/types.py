@@ -111,6 +111,34 @@ class Adapter(LFModel):
     created_at: int = 0
 
 
+class OperationFile(LFModel):
+    name: str
+    bytes: int
+    sha256: str
+
+
+class ModelExport(LFModel):
+    id: str
+    object: str = "model.export"
+    adapter: str | None = None
+    status: str
+    dtype: str | None = None
+    files: list[OperationFile] | None = None
+    error: dict | None = None
+    created_at: int = 0
+
+
+class AdapterBlend(LFModel):
+    id: str
+    object: str = "adapter.blend"
+    name: str | None = None
+    status: str
+    combination: str | None = None
+    fine_tuned_model: str | None = None
+    error: dict | None = None
+    created_at: int = 0
+
+
 class Usage(LFModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

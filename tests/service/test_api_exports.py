@@ -115,3 +115,20 @@ def test_refused_exports_change_nothing(client, app, tenant, other_tenant):
     assert_problem(client.post(f"/v1/models/{mine}/exports", json={"max_shard_size": "lots"},
                                headers=tenant.headers), 422, "validation_error")
     assert _count_operations(app) == before
+
+
+def test_sdk_exports_waits_and_downloads_verified_files(client, app, tenant, tmp_path):
+    import lorafleet
+
+    sdk = lorafleet.Client(base_url=str(client.base_url), api_key=tenant.key, http_client=client, max_retries=0)
+    adapter = trained_adapter(client, app, tenant)
+    export = sdk.models.exports.create(adapter, dtype="float16")
+    assert (export.status, export.dtype) == ("queued", "float16")
+    worker = start_run(app, export.id)
+    key = publish_export(app, export.id, FILES)
+    assert client.post(f"/internal/v1/operations/{export.id}/result", json={"manifest_key": key},
+                       headers=worker).status_code == 204
+    assert sdk.models.exports.wait(export.id, timeout=5).status == "succeeded"
+    folder = sdk.models.exports.download(export.id, tmp_path / "model")
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "manifest.json"} == FILES
+    assert [e.id for e in sdk.models.exports.list(adapter)] == [export.id]

@@ -9,9 +9,14 @@ from .._core import Call
 from ..errors import IntegrityError
 from ..types import Adapter, Deleted, Model
 from ._base import Resource
+from .exports import Blends, Exports
 
 
 class Models(Resource):
+    def __init__(self, client):
+        super().__init__(client)
+        self.exports = Exports(client)  # client.models.exports.create(adapter_id)
+
     def list(self):
         """The base models and this tenant's adapters."""
         return self._client._paginate("/v1/models", Model.model_validate, {})
@@ -27,6 +32,10 @@ class Models(Resource):
 
 
 class Adapters(Resource):
+    def __init__(self, client):
+        super().__init__(client)
+        self.blends = Blends(client)  # client.adapters.blends.create([(id, 0.7), (id2, 0.3)], name=...)
+
     def retrieve(self, adapter_id: str):
         return self._client._run(self._core.request("GET", f"/v1/adapters/{adapter_id}",
                                                     cast=Adapter.model_validate))
