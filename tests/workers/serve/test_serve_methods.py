@@ -1,0 +1,223 @@
+"""Every PEFT method's adapter in one mixed batch with LoRA and base rows, against plain PEFT
+(``PeftModel.from_pretrained`` + ``generate``) on each request alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.serve.adapters import AdapterCache, AdapterError
+from workers.serve.engine import Engine
+from workers.serve.lora import AdapterFormatError, load_peft_adapter
+from workers.serve.sampling import SamplingParams
+from workers.serve.synthetic_methods import METHOD_SPECS, peft_reference, random_method_adapters
+from workers.storage import put_bytes
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+BASE_ID = "test/tiny-random-llama"
+# The batch: every method once, rows without an adapter between them.
+ROWS = ["lora", None, "rslora", "dora", "adalora", None, "ia3", "prompt_tuning", "p_tuning",
+        "prefix_tuning"]
+
+
+class MethodAdapters:
+    def __init__(self, tiny, directory: Path):
+        self.tiny = tiny
+        self.dirs = random_method_adapters(tiny.config, directory)
+        self._refs: dict = {}
+
+    def adapter(self, name: str | None, dtype: torch.dtype = torch.float32):
+        return None if name is None else load_peft_adapter(self.dirs[name], key=name, adapter_id=name,
+                                                           dtype=dtype)
+
+    def reference(self, prompt: list[int], name: str | None, *, nf4: bool = False) -> list[int]:
+        """Greedy tokens of plain PEFT for this request alone: PEFT's forward (what training
+        optimises) over the whole sequence at each step. Not ``generate``: PEFT 0.21 under
+        transformers 5 still hands its prefix to generation as ``past_key_values``, which the
+        model ignores for ``cache``, and re-inserts the virtual tokens at every decode step."""
+        if (name, nf4) not in self._refs:
+            if nf4:
+                from workers.serve.base import load_serving_base
+
+                base, _ = load_serving_base(self.tiny.base_dir, quantization="nf4", device="cpu")
+            else:
+                base = self.tiny.base_model()
+            self._refs[name, nf4] = peft_reference(base, self.dirs[name] if name else None)
+        model, seq = self._refs[name, nf4], list(prompt)
+        with torch.inference_mode():
+            for _ in range(GREEDY.max_tokens):
+                ids = torch.tensor([seq])
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                seq.append(int(logits[0, -1].argmax()))
+        return seq[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def methods(tiny, tmp_path_factory) -> MethodAdapters:
+    return MethodAdapters(tiny, tmp_path_factory.mktemp("methods"))
+
+
+def _run_mixed(engine: Engine, methods: MethodAdapters, texts: list[list[int]]):
+    """Half the rows start, run a few steps, then the rest join (continuous batching)."""
+    adapters = {n: methods.adapter(n) for n in set(ROWS) if n}
+    half = len(ROWS) // 2
+    first = [engine.submit(texts[i], GREEDY, adapters.get(ROWS[i])) for i in range(half)]
+    for _ in range(3):
+        engine.step()
+    rest = [engine.submit(texts[i], GREEDY, adapters.get(ROWS[i])) for i in range(half, len(ROWS))]
+    while engine.has_work():
+        engine.step()
+    return first + rest
+
+
+def test_one_mixed_batch_of_every_method_equals_peft_alone(tiny, methods, prompts):
+    engine = Engine(tiny.base_model(), max_batch=len(ROWS), max_len=64, adapter_slots=len(METHOD_SPECS))
+    texts = prompts([5, 9, 4, 7, 6, 3, 8, 5, 10, 6], seed=21)
+    for prompt, name, req in zip(texts, ROWS, _run_mixed(engine, methods, texts)):
+        assert req.finish_reason == "length", (name, req.error)
+        assert req.output_ids == methods.reference(prompt, name), name
+    # Every adapter changes the answer: one prompt under each method and under none.
+    same = prompts([6], seed=22) * (len(METHOD_SPECS) + 1)
+    outs = engine.generate_batch(same, GREEDY, [None] + [methods.adapter(n) for n in METHOD_SPECS])
+    assert len({tuple(r.output_ids) for r in outs}) == len(METHOD_SPECS) + 1
+
+
+def test_nf4_base_mixed_batch_of_every_method_equals_peft_alone(tiny, methods, prompts):
+    """PEFT takes a 4-bit base under every one of these methods (LoRA/DoRA/AdaLoRA/(IA)3 have
+    bitsandbytes layers; the virtual-token methods leave the linear layers alone)."""
+    from workers.serve.base import load_serving_base
+
+    model, _ = load_serving_base(tiny.base_dir, quantization="nf4", device="cpu")
+    engine = Engine(model, max_batch=len(ROWS), max_len=64, adapter_slots=len(METHOD_SPECS))
+    texts = prompts([6, 4, 8, 5, 7, 3, 9, 4, 6, 5], seed=23)
+    for prompt, name, req in zip(texts, ROWS, _run_mixed(engine, methods, texts)):
+        assert req.finish_reason == "length", (name, req.error)
+        assert req.output_ids == methods.reference(prompt, name, nf4=True), name
+
+
+def test_slots_reused_across_methods_keep_each_rows_output(tiny, methods, prompts):
+    """One device slot, every method through it in turn: a slot's (IA)3/DoRA vectors follow
+    the adapter that holds it, and the LoRA weights a DoRA/AdaLoRA adapter left are gone."""
+    engine = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=1)
+    text = prompts([7], seed=24)[0]
+    for name in ["dora", "ia3", "lora", "adalora", "prefix_tuning", "ia3", "dora"]:
+        (req,) = engine.generate_batch([text], GREEDY, [methods.adapter(name)])
+        assert req.output_ids == methods.reference(text, name), name
+    assert engine.slots.stats["evictions"] == 6
+
+
+def test_parsed_forms(methods, tiny):
+    ada = methods.adapter("adalora")
+    raw = load_file(methods.dirs["adalora"] / "adapter_model.safetensors")
+    ranks = {k: v.shape[0] for k, v in raw.items() if k.endswith("lora_A")}
+    assert len(set(ranks.values())) > 1  # pruned per module: a LoRA of per-module rank
+    assert ada.method == "adalora" and ada.rank == max(ranks.values()) and ada.scale == 1.0
+    ia3 = methods.adapter("ia3")
+    assert ia3.rank == 0 and {m.rsplit(".", 1)[-1] for m in ia3.parts.ia3_in} == {"down_proj"}
+    assert {m.rsplit(".", 1)[-1] for m in ia3.parts.ia3_out} == {"k_proj", "v_proj"}
+    dora = methods.adapter("dora")
+    assert dora.method == "dora" and set(dora.parts.dora) == set(dora.weights)
+    prefix = methods.adapter("prefix_tuning")
+    cfg = tiny.config
+    assert tuple(prefix.parts.prefix.shape) == (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 4,
+                                                cfg.hidden_size // cfg.num_attention_heads)
+    assert methods.adapter("p_tuning").parts.virtual.shape == (3, cfg.hidden_size)
+    assert all(methods.adapter(n).nbytes > 0 for n in METHOD_SPECS)
+
+
+def _variant(src: Path, dst: Path, *, config: dict | None = None, tensors=None) -> Path:
+    """A copy of an adapter directory with its config and/or tensors changed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    weights = load_file(src / "adapter_model.safetensors")
+    save_file(tensors(weights) if tensors else weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("name, change, match", [
+    ("ia3", dict(config={"peft_type": "LOHA"}), "LOHA: this replica serves"),
+    ("ia3", dict(config={"modules_to_save": ["lm_head"]}), "modules_to_save"),
+    ("ia3", dict(config={"feedforward_modules": ["k_proj"]}), "disagrees with feedforward_modules"),
+    ("dora", dict(config={"bias": "all"}), r"\['bias'\]"),
+    ("adalora", dict(tensors=lambda w: {k: v for k, v in w.items() if not k.endswith("lora_E")}),
+     "needs"),
+    ("prefix_tuning", dict(config={"num_virtual_tokens": 3}), "4 prompt embeddings for num_virtual_tokens=3"),
+    ("prompt_tuning", dict(tensors=lambda w: {"prompt_embeddings": w["prompt_embeddings"].int()}),
+     "must be float16"),
+    ("dora", dict(tensors=lambda w: {k: v * float("nan") if "magnitude" in k else v for k, v in w.items()}),
+     "non-finite"),
+])
+def test_unservable_method_adapters_are_refused_at_load(methods, tmp_path, name, change, match):
+    bad = _variant(methods.dirs[name], tmp_path / "bad", **change)
+    with pytest.raises(AdapterFormatError, match=match):
+        load_peft_adapter(bad, key="bad", adapter_id="bad")
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    ("prompt_tuning", lambda w: {"prompt_embeddings": torch.cat([w["prompt_embeddings"]] * 2, 1)},
+     "virtual tokens of width 128"),
+    ("ia3", lambda w: {k: torch.cat([v, v], 0) if v.shape[1] == 1 else v for k, v in w.items()},
+     "output scales of shape"),
+])
+def test_method_adapters_that_do_not_fit_the_base_are_refused_at_submit(tiny, methods, tmp_path, name,
+                                                                        edit, match):
+    engine = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=1)
+    bad = load_peft_adapter(_variant(methods.dirs[name], tmp_path / "bad", tensors=edit), key="b", adapter_id="b")
+    with pytest.raises(AdapterFormatError, match=match):
+        engine.submit([5, 6], GREEDY, bad)
+
+
+def test_prefix_for_another_model_shape_is_refused_at_submit(tiny, methods, tmp_path):
+    engine = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=1)
+    n = tiny.config.num_hidden_layers
+    # Three layers' worth of keys and values for a two-layer base.
+    bad = _variant(methods.dirs["prefix_tuning"], tmp_path / "bad", config={"num_layers": n + 1},
+                   tensors=lambda w: {"prompt_embeddings": torch.cat(
+                       [w["prompt_embeddings"], w["prompt_embeddings"][:, : w["prompt_embeddings"].shape[1] // n]], 1)})
+    with pytest.raises(AdapterFormatError, match="prefix has"):
+        engine.submit([5, 6], GREEDY, load_peft_adapter(bad, key="b", adapter_id="b"))
+
+
+@pytest.mark.parametrize("name", list(METHOD_SPECS))
+def test_published_adapters_of_every_method_load_through_the_cache(tiny, methods, local_store, name):
+    """Manifest (method recorded), checksums and base-model check, then the method's parser."""
+    prefix = f"tenants/tn_a/adapters/{name}/v1"
+    method = "lora" if METHOD_SPECS[name][0] == "LoraConfig" else name  # DoRA, rsLoRA: LoRA options
+    publish_method_adapter(local_store, methods.dirs[name], prefix, adapter_id=name, method=method)
+    engine = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=1)
+    cache = AdapterCache(local_store, base_model_id=BASE_ID, device=engine.slots)
+    adapter = asyncio.run(cache.get(name, prefix))
+    assert adapter.method == methods.adapter(name).method and adapter.nbytes == methods.adapter(name).nbytes
+    text = [7, 8, 9, 10]
+    (req,) = engine.generate_batch([text], GREEDY, [adapter])
+    assert req.output_ids == methods.reference(text, name)
+
+
+def test_a_manifest_naming_another_method_is_refused(methods, local_store):
+    prefix = "tenants/tn_a/adapters/liar/v1"
+    publish_method_adapter(local_store, methods.dirs["ia3"], prefix, adapter_id="liar", method="lora")
+    cache = AdapterCache(local_store, base_model_id=BASE_ID)
+    with pytest.raises(AdapterError, match="manifest says lora"):
+        asyncio.run(cache.get("liar", prefix))
+
+
+def publish_method_adapter(store, directory: Path, prefix: str, *, adapter_id: str, method: str) -> None:
+    """As a finished training job publishes: the two PEFT files, then manifest.json (method and
+    the method's default hyperparameters)."""
+    from workers.spec import AdapterManifest, BaseModelRef, FileDigest, hyperparameters_for
+
+    files = {}
+    for fname in ("adapter_model.safetensors", "adapter_config.json"):
+        put = put_bytes(store, f"{prefix}/{fname}", (directory / fname).read_bytes())
+        files[fname] = FileDigest(sha256=put.sha256, bytes=put.bytes)
+    manifest = AdapterManifest(adapter_id=adapter_id, job_id="ftjob-test", tenant_id="tn_a",
+                               base_model=BaseModelRef(id=BASE_ID, uri=f"models/{BASE_ID}"), method=method,
+                               quantization="none", dataset_sha256="0" * 64, files=files,
+                               hyperparameters=hyperparameters_for(method, {}))
+    put_bytes(store, f"{prefix}/manifest.json", manifest.model_dump_json().encode())
