@@ -60,7 +60,7 @@ from service.scheduling.policy import (
 )
 from service.settings import Settings
 from service.tenants.limits import INSUFFICIENT_RESOURCES, demand, limit_violation
-from workers.spec import BaseModelRef, Hyperparameters, Resources, TrainJobSpec
+from workers.spec import BaseModelRef, Resources, TrainJobSpec, hyperparameters_for
 
 log = logging.getLogger("lorafleet.scheduler")
 
@@ -573,7 +573,7 @@ def build_spec(s: Session, job: Job, settings: Settings) -> TrainJobSpec:
     return TrainJobSpec(
         job_id=job.id, tenant_id=job.tenant_id,
         base_model=BaseModelRef(id=base.id, uri=base.source_uri),
-        method=job.method, hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
+        method=job.method, hyperparameters=hyperparameters_for(job.method, job.hyperparameters),
         resources=Resources.model_validate(job.resources or {}),
         training_file=train.object_key, training_file_sha256=train.sha256,
         validation_file=valid.object_key if valid else None,

@@ -83,6 +83,11 @@ class TrainingHyperparameters(_Strict):
     # "pack" (default) concatenates examples with per-example attention; "pad" pads per batch.
     batching: Literal["pack", "pad"] = "pack"
 
+    @classmethod
+    def base_learning_rate(cls) -> float:
+        """This method's default rate: what OpenAI's learning_rate_multiplier scales."""
+        return cls.model_fields["learning_rate"].default
+
 
 class Hyperparameters(TrainingHyperparameters):
     """LoRA / QLoRA, with the chapter's defaults (r=8, alpha=2r, dropout 0.05, lr 2e-4).
@@ -124,7 +129,8 @@ class IA3Hyperparameters(_Quantizable):
 
 class AdaLoraHyperparameters(_Quantizable):
     """AdaLoRA: SVD-form LoRA whose rank budget shrinks from init_r to target_r per layer between
-    step tinit and total_steps - tfinal (total steps derived from the job)."""
+    step tinit and total_steps - tfinal (total steps derived from the job). Checks across fields
+    (here and in the virtual-token models) are made at job creation, naming the field."""
 
     learning_rate: Annotated[float, Field(gt=0, le=0.01)] = 2e-3
     init_r: Annotated[int, Field(ge=1, le=256)] = 12
@@ -137,12 +143,6 @@ class AdaLoraHyperparameters(_Quantizable):
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.85
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.85
     orth_reg_weight: Annotated[float, Field(ge=0, le=10)] = 0.5
-
-    @model_validator(mode="after")
-    def _ranks(self) -> AdaLoraHyperparameters:
-        if self.target_r > self.init_r:
-            raise ValueError("target_r must not exceed init_r")
-        return self
 
     @property
     def alpha(self) -> float:
@@ -161,22 +161,10 @@ class PrefixTuningHyperparameters(_VirtualTokenHyperparameters):
     prefix_projection: bool = False  # reparameterise the prefix through a two-layer MLP
     encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None: the model's
 
-    @model_validator(mode="after")
-    def _projection(self) -> PrefixTuningHyperparameters:
-        if self.encoder_hidden_size is not None and not self.prefix_projection:
-            raise ValueError("encoder_hidden_size needs prefix_projection: true")
-        return self
-
 
 class PromptTuningHyperparameters(_VirtualTokenHyperparameters):
     init: Literal["random", "text"] = "random"
-    init_text: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
-
-    @model_validator(mode="after")
-    def _text(self) -> PromptTuningHyperparameters:
-        if (self.init == "text") != (self.init_text is not None):
-            raise ValueError("init_text is required with init: 'text', and only then")
-        return self
+    init_text: Annotated[str, Field(min_length=1, max_length=2000)] | None = None  # with init "text"
 
 
 class PTuningHyperparameters(_VirtualTokenHyperparameters):

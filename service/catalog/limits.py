@@ -2,7 +2,8 @@
 
 A job the platform cannot train, or whose adapter serving cannot apply, is a 422 naming the
 field now, rather than a ``worker_lost`` after retries or an adapter nobody can use
-(docs/API.md, "Limits"). Bounds on single fields live on ``workers.spec.Hyperparameters``.
+(docs/API.md, "Limits"). Bounds on single fields live on the method's hyperparameter model
+in ``workers.spec``.
 """
 
 from __future__ import annotations
@@ -21,25 +22,40 @@ from service.catalog.architectures import (
 )
 from service.db.models import BaseModelRow
 from service.errors import ValidationFailed
-from workers.spec import MAX_EFFECTIVE_BATCH, MAX_MICRO_BATCH_TOKENS, Hyperparameters
+from workers.spec import (
+    MAX_EFFECTIVE_BATCH,
+    MAX_MICRO_BATCH_TOKENS,
+    AdaLoraHyperparameters,
+    Hyperparameters,
+    IA3Hyperparameters,
+    PrefixTuningHyperparameters,
+    PromptTuningHyperparameters,
+    TrainingHyperparameters,
+)
 
 CODE = "invalid_hyperparameters"
 REGEX_BUDGET_S = 0.05  # matching one tenant regex against every module name
+# LoRA initialisations that rewrite the base's weights; published converted to a plain LoRA of
+# the original base, whose rank is twice the trained one (workers.train.methods).
+REWRITES_BASE = ("pissa", "olora")
 
 
-def check_hyperparameters(base: BaseModelRow, hp: Hyperparameters, *, param: str) -> None:
+def check_hyperparameters(base: BaseModelRow, hp: TrainingHyperparameters, *, param: str,
+                          method: str = "lora") -> None:
     """Raise ValidationFailed (``invalid_hyperparameters``, ``param`` = ``<param>.<field>``) for
-    the first limit ``hp`` breaks on ``base``. ``param``: e.g. ``method.lora.hyperparameters``."""
+    the first limit ``hp`` (``method``'s hyperparameters) breaks on ``base``. ``param``: e.g.
+    ``method.lora.hyperparameters``."""
 
     def refuse(field: str, message: str) -> None:
         raise ValidationFailed(message, code=CODE, param=f"{param}.{field}")
 
     facts = facts_for(base.source_uri, base.architecture)
-    if hp.r > base.max_rank:
-        refuse("r", f"r={hp.r} exceeds the maximum rank {base.max_rank} of {base.id}")
-    if facts.context is not None and hp.max_seq_length > facts.context:
-        refuse("max_seq_length", f"max_seq_length={hp.max_seq_length} exceeds the context of "
-                                 f"{base.id} ({facts.context} tokens)")
+    # Virtual tokens take context positions before every example.
+    virtual = getattr(hp, "num_virtual_tokens", 0)
+    if facts.context is not None and hp.max_seq_length + virtual > facts.context:
+        refuse("max_seq_length", f"max_seq_length={hp.max_seq_length}"
+                                 f"{f' + num_virtual_tokens={virtual}' if virtual else ''} exceeds the "
+                                 f"context of {base.id} ({facts.context} tokens)")
     if hp.batch_size * hp.gradient_accumulation_steps > MAX_EFFECTIVE_BATCH:
         refuse("gradient_accumulation_steps",
                f"batch_size x gradient_accumulation_steps = "
@@ -47,14 +63,63 @@ def check_hyperparameters(base: BaseModelRow, hp: Hyperparameters, *, param: str
     if hp.batch_size * hp.max_seq_length > MAX_MICRO_BATCH_TOKENS:
         refuse("batch_size", f"batch_size x max_seq_length = {hp.batch_size * hp.max_seq_length} "
                              f"tokens per step; the limit is {MAX_MICRO_BATCH_TOKENS}")
+    targets = getattr(hp, "target_modules", None)
+    if targets is not None and (problem := target_modules_problem(targets, facts)) is not None:
+        refuse("target_modules", problem)
+    if isinstance(hp, Hyperparameters):
+        _check_lora(base, facts, hp, method, refuse)
+    elif isinstance(hp, AdaLoraHyperparameters):
+        if hp.init_r > base.max_rank:
+            refuse("init_r", f"init_r={hp.init_r} exceeds the maximum rank {base.max_rank} of {base.id}")
+        if hp.target_r > hp.init_r:
+            refuse("target_r", f"target_r={hp.target_r} exceeds init_r={hp.init_r}: AdaLoRA only prunes")
+    elif isinstance(hp, IA3Hyperparameters):
+        _check_ia3(facts, hp, refuse)
+    elif isinstance(hp, PrefixTuningHyperparameters):
+        if hp.encoder_hidden_size is not None and not hp.prefix_projection:
+            refuse("encoder_hidden_size", "encoder_hidden_size sizes the prefix projection; it needs "
+                                          "prefix_projection: true")
+    elif isinstance(hp, PromptTuningHyperparameters):
+        if (hp.init == "text") != (hp.init_text is not None):
+            refuse("init_text", "init_text is required with init: 'text', and only then")
+
+
+def _check_lora(base: BaseModelRow, facts: ModelFacts, hp: Hyperparameters, method: str, refuse) -> None:
+    published_r = 2 * hp.r if hp.init_lora_weights in REWRITES_BASE else hp.r
+    if published_r > base.max_rank:
+        refuse("r", f"r={hp.r} exceeds the maximum rank {base.max_rank} of {base.id}"
+                    + (f" (init_lora_weights={hp.init_lora_weights!r} publishes rank 2r)" if published_r != hp.r else ""))
     if hp.bias != "none" and not has_llama_layout(facts):
         # Serving applies trained biases of the seven layers it wraps: in a Llama layout those
         # are all the biased layers there are; elsewhere "all" could train one it cannot apply.
         refuse("bias", f"bias={hp.bias!r} needs a base model of a known architecture (serving "
                        f"applies trained biases only to {', '.join(SERVABLE_LINEAR)}); use 'none'")
-    problem = target_modules_problem(hp.target_modules, facts)
+    if hp.modules_to_save:
+        # A full trained copy of a module per adapter: the shared base has one of each, and a
+        # batch row cannot swap in its own.
+        refuse("modules_to_save", "serving applies adapters to the shared base's layers and cannot "
+                                  "swap in a tenant's own copy of a whole module; leave modules_to_save unset")
+    if hp.init_lora_weights in REWRITES_BASE and method == "qlora":
+        # PiSSA/OLoRA take the base's top singular directions into the adapter and keep the
+        # residual. On a 4-bit base that residual would be re-quantised (PEFT refuses PiSSA on
+        # quantised weights outright), and the adapter converted back to the shared NF4 base
+        # would no longer be the one trained.
+        refuse("init_lora_weights", f"init_lora_weights={hp.init_lora_weights!r} rewrites the base "
+                                    "weights, which a 4-bit base cannot take exactly; use method 'lora' "
+                                    "or another initialisation")
+    if hp.init_lora_weights == "orthogonal" and hp.r % 2:
+        refuse("r", "init_lora_weights='orthogonal' needs an even r")
+
+
+def _check_ia3(facts: ModelFacts, hp: IA3Hyperparameters, refuse) -> None:
+    problem = target_modules_problem(hp.feedforward_modules, facts)
     if problem is not None:
-        refuse("target_modules", problem)
+        refuse("feedforward_modules", problem.replace("target_modules", "feedforward_modules"))
+    if isinstance(hp.target_modules, list):
+        outside = [m for m in hp.feedforward_modules if m not in hp.target_modules]
+        if outside:
+            refuse("feedforward_modules", f"feedforward_modules must also be target modules; "
+                                          f"{', '.join(map(repr, outside))} is not in target_modules")
 
 
 def target_modules_problem(targets: list[str] | str, facts: ModelFacts) -> str | None:

@@ -9,12 +9,13 @@ from service.db.models import Adapter, BaseModelRow
 from service.db.pages import Page, fetch_page
 from service.errors import Conflict, NotFound
 from service.ids import now
+from workers.spec import METHODS
 
 DEFAULT_BASE_MODEL = {
     "id": "lorafleet/tiny-llama",
     "source_uri": "builtin://lorafleet/tiny-llama",
     "architecture": "llama",
-    "methods": ["lora", "qlora"],
+    "methods": list(METHODS),
     "max_rank": 64,
     "quantization": "nf4",  # served as one shared 4-bit NF4 base
 }
@@ -32,9 +33,14 @@ def create_base_model(session: Session, *, id: str, source_uri: str, architectur
 
 
 def ensure_base_model(session: Session, **fields) -> BaseModelRow:
-    """Register a base model unless it already is (start-up registration of the default)."""
+    """Register a base model unless it already is (start-up registration of the default). One
+    registered by an older release gains the methods this one adds; none is taken away."""
     existing = session.get(BaseModelRow, fields["id"])
-    return existing if existing is not None else create_base_model(session, **fields)
+    if existing is None:
+        return create_base_model(session, **fields)
+    if missing := [m for m in fields["methods"] if m not in existing.methods]:
+        existing.methods = [*existing.methods, *missing]
+    return existing
 
 
 def get_base_model(session: Session, *, model_id: str, param: str = "model") -> BaseModelRow:

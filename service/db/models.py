@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.jobs.states import JOB_STATUSES
+from workers.spec import METHODS
 
 # Deterministic constraint names, so alembic can drop exactly what it created on both backends.
 NAMING = {
@@ -130,7 +131,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
-        CheckConstraint(_in("method", ("lora", "qlora")), name="method"),
+        CheckConstraint(_in("method", METHODS), name="method"),
         Index("ix_jobs_tenant_id_id", "tenant_id", "id"),
         Index("ix_jobs_tenant_id_status_id", "tenant_id", "status", "id"),
         # The scheduler scans by status in creation order.
@@ -146,7 +147,7 @@ class Job(Base):
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(20))
-    method: Mapped[str] = mapped_column(String(8))
+    method: Mapped[str] = mapped_column(String(16))
     hyperparameters: Mapped[dict[str, Any]]  # a full workers.spec.Hyperparameters dump
     # Names of the hyperparameters the request left `auto` (their chosen values are above).
     auto_hyperparameters: Mapped[list[str] | None] = mapped_column(JSON)
@@ -210,7 +211,7 @@ class Adapter(Base):
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     base_model_id: Mapped[str] = mapped_column(ForeignKey("base_models.id"))
     version: Mapped[int] = mapped_column(default=1)
-    method: Mapped[str] = mapped_column(String(8))
+    method: Mapped[str] = mapped_column(String(16))
     key_prefix: Mapped[str] = mapped_column(String(500))  # tenants/{t}/adapters/{id}/v{version}
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     files: Mapped[list[Any]] = mapped_column(JSON)  # [{name, bytes, sha256}]

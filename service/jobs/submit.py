@@ -14,7 +14,7 @@ from service.jobs import repository as jobs
 from service.jobs import states
 from service.settings import Settings
 from service.tenants.limits import INSUFFICIENT_RESOURCES, demand, limit_violation
-from workers.spec import Hyperparameters, Resources
+from workers.spec import AnyHyperparameters, Resources
 
 
 def _usable_file(session: Session, *, tenant_id: str, file_id: str, param: str) -> None:
@@ -28,7 +28,7 @@ def _usable_file(session: Session, *, tenant_id: str, file_id: str, param: str) 
 
 
 def submit_job(session: Session, *, tenant_id: str, model: str, training_file: str,
-               validation_file: str | None, method: str, hyperparameters: Hyperparameters,
+               validation_file: str | None, method: str, hyperparameters: AnyHyperparameters,
                resources: Resources, suffix: str | None, metadata: dict[str, str] | None,
                method_type: str, settings: Settings) -> Job:
     """Validate everything, then create the job and move it validating_files → queued.
@@ -40,7 +40,7 @@ def submit_job(session: Session, *, tenant_id: str, model: str, training_file: s
         raise ValidationFailed(f"base model {model} does not allow method {method!r} "
                                f"(allowed: {', '.join(base.methods)})", param="method.type")
     # Rank, context, batch, bias and target modules against what this base can train and serve.
-    check_hyperparameters(base, hyperparameters, param=f"method.{method_type}.hyperparameters")
+    check_hyperparameters(base, hyperparameters, param=f"method.{method_type}.hyperparameters", method=method)
     _usable_file(session, tenant_id=tenant_id, file_id=training_file, param="training_file")
     if validation_file is not None:
         _usable_file(session, tenant_id=tenant_id, file_id=validation_file, param="validation_file")

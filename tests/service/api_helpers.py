@@ -14,7 +14,7 @@ from service.jobs import states
 from service.jobs.naming import adapter_id_for, adapter_prefix
 from service.security import job_token
 from service.settings import Settings, TenantDefaults
-from workers.spec import AdapterManifest, BaseModelRef, FileDigest, Hyperparameters
+from workers.spec import AdapterManifest, BaseModelRef, FileDigest, hyperparameters_for
 from workers.storage import put_bytes
 
 ADMIN_TOKEN = "test-admin-token"
@@ -120,6 +120,7 @@ def publish_adapter(app, job_id: str, tamper: bool = False, drop: str | None = N
     manifest = AdapterManifest(
         adapter_id=adapter_id_for(job), job_id=job.id, tenant_id=job.tenant_id,
         base_model=BaseModelRef(id=job.model, uri="builtin://lorafleet/tiny-llama"), method=method,
-        quantization="none", hyperparameters=Hyperparameters(), dataset_sha256="0" * 64, files=digests)
+        quantization="none", hyperparameters=hyperparameters_for(method, {}), dataset_sha256="0" * 64,
+        files=digests)
     put_bytes(store, f"{prefix}/manifest.json", manifest.model_dump_json().encode())
     return f"{prefix}/manifest.json"

@@ -16,7 +16,7 @@ from service.api.schemas.common import ListPage
 from service.api.schemas.models import AdapterPublic, ModelDeleted, ModelPublic
 from service.api.streams import iter_chunks
 from service.catalog import repository as catalog
-from service.db.models import Adapter, BaseModelRow
+from service.db.models import Adapter, BaseModelRow, Job
 from service.errors import Forbidden, NotFound
 from service.settings import Settings
 from workers.signing import Signer
@@ -36,9 +36,20 @@ def _resolve(session: Session, *, tenant_id: str, model_id: str) -> BaseModelRow
     return catalog.get_adapter_for_tenant(session, tenant_id=tenant_id, adapter_id=model_id)
 
 
-def _public(row: BaseModelRow | Adapter) -> ModelPublic:
-    owner = BASE_OWNER if isinstance(row, BaseModelRow) else row.tenant_id
-    return ModelPublic(id=row.id, created=row.created_at, owned_by=owner)
+def _public(row: BaseModelRow | Adapter, hyperparameters: dict | None = None) -> ModelPublic:
+    if isinstance(row, BaseModelRow):
+        return ModelPublic(id=row.id, created=row.created_at, owned_by=BASE_OWNER)
+    method: dict = {"type": row.method}
+    if hyperparameters is not None:
+        method[row.method] = {"hyperparameters": hyperparameters}
+    return ModelPublic(id=row.id, created=row.created_at, owned_by=row.tenant_id, method=method)
+
+
+def _resolve_with_config(session: Session, *, tenant_id: str, model_id: str) -> ModelPublic:
+    """_resolve, and an adapter's method with the hyperparameters its job trained it with."""
+    row = _resolve(session, tenant_id=tenant_id, model_id=model_id)
+    job = session.get(Job, row.job_id) if isinstance(row, Adapter) and row.job_id else None
+    return _public(row, job.hyperparameters if job is not None else None)
 
 
 def _all_models(session: Session, *, tenant_id: str) -> list[BaseModelRow | Adapter]:
@@ -60,7 +71,7 @@ async def list_models(tenant: CurrentTenant, db: ReadDB) -> ListPage[ModelPublic
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, tenant: CurrentTenant, db: ReadDB) -> ModelPublic:
-    return _public(await db.run(_resolve, tenant_id=tenant.tenant_id, model_id=model_id))
+    return await db.run(_resolve_with_config, tenant_id=tenant.tenant_id, model_id=model_id)
 
 
 @router.delete("/v1/models/{model_id:path}")

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from service.api.schemas.common import Strict
 from service.db.models import ApiKey, BaseModelRow, Tenant
+from workers.spec import METHODS, Method
 
 Quota = Annotated[int, Field(ge=0, le=1_000_000)]
 Rate = Annotated[int, Field(ge=1, le=10_000_000)]
@@ -28,7 +29,7 @@ class TenantLimits(Strict):
     CLEARABLE: ClassVar[frozenset[str]] = frozenset({
         "max_gpus_per_job", "max_cpus_per_job", "max_concurrent_gpus", "max_concurrent_cpus",
         "max_job_wall_clock_s"})
-MethodName = Literal["lora", "qlora"]
+MethodName = Method
 
 
 class TenantCreate(TenantLimits):
@@ -98,7 +99,7 @@ class BaseModelCreate(Strict):
                              pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")]
     source_uri: Annotated[str, Field(min_length=1, max_length=1000)]
     architecture: Annotated[str, Field(max_length=64)] | None = None
-    methods: Annotated[list[MethodName], Field(min_length=1, max_length=2)] = ["lora", "qlora"]
+    methods: Annotated[list[MethodName], Field(min_length=1, max_length=len(METHODS))] = list(METHODS)
     max_rank: Annotated[int, Field(ge=1, le=1024)] = 64
     quantization: Literal["nf4", "none"] | None = None
 

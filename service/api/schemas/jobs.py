@@ -1,4 +1,4 @@
-"""Fine-tuning job bodies: OpenAI's shapes, with LoRA / QLoRA as extra method types."""
+"""Fine-tuning job bodies: OpenAI's shapes, with the chapter's methods as extra method types."""
 
 from __future__ import annotations
 
@@ -11,26 +11,62 @@ from service.api.schemas.common import Strict
 from service.db.models import Checkpoint, Job, JobEventRow
 from service.errors import ValidationFailed
 from service.jobs.repository import event_public_id
-from workers.spec import Hyperparameters, Resources
-
-# OpenAI's learning_rate_multiplier scales this (the chapter's default learning rate).
-BASE_LEARNING_RATE = 2e-4
+from workers.spec import (
+    HYPERPARAMETERS,
+    AdaLoraHyperparameters,
+    AnyHyperparameters,
+    Hyperparameters,
+    IA3Hyperparameters,
+    PrefixTuningHyperparameters,
+    PromptTuningHyperparameters,
+    PTuningHyperparameters,
+    Resources,
+)
 
 
 class MethodParams(Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class IA3Params(Strict):
+    hyperparameters: IA3Hyperparameters | None = None
+
+
+class AdaLoraParams(Strict):
+    hyperparameters: AdaLoraHyperparameters | None = None
+
+
+class PrefixTuningParams(Strict):
+    hyperparameters: PrefixTuningHyperparameters | None = None
+
+
+class PromptTuningParams(Strict):
+    hyperparameters: PromptTuningHyperparameters | None = None
+
+
+class PTuningParams(Strict):
+    hyperparameters: PTuningHyperparameters | None = None
+
+
+MethodType = Literal["lora", "qlora", "supervised", "ia3", "adalora", "prefix_tuning", "prompt_tuning",
+                     "p_tuning"]
+
+
 class MethodIn(Strict):
     # OpenAI's "supervised" is a LoRA fine-tune here.
-    type: Literal["lora", "qlora", "supervised"] = "lora"
+    type: MethodType = "lora"
     lora: MethodParams | None = None
     qlora: MethodParams | None = None
     supervised: MethodParams | None = None
+    ia3: IA3Params | None = None
+    adalora: AdaLoraParams | None = None
+    prefix_tuning: PrefixTuningParams | None = None
+    prompt_tuning: PromptTuningParams | None = None
+    p_tuning: PTuningParams | None = None
 
     @model_validator(mode="after")
     def _params_match_type(self) -> MethodIn:
-        for other in ("lora", "qlora", "supervised"):
+        for other in MethodType.__args__:
             if other != self.type and getattr(self, other) is not None:
                 raise ValueError(f"method.{other} given but method.type is {self.type!r}")
         return self
@@ -58,10 +94,11 @@ class JobCreate(Strict):
     resources: Resources | None = None
     integrations: Annotated[list[Any], Field(max_length=0)] | None = None  # accepted only empty
 
-    def resolved(self) -> tuple[str, Hyperparameters]:
+    def resolved(self) -> tuple[str, AnyHyperparameters]:
         """(method, hyperparameters): the method's own values over the OpenAI ones over defaults."""
         method = self.method or MethodIn()
         name = "lora" if method.type == "supervised" else method.type
+        model = HYPERPARAMETERS[name]
         values: dict[str, Any] = {}
         if self.hyperparameters is not None:
             top = self.hyperparameters
@@ -70,14 +107,14 @@ class JobCreate(Strict):
             if top.batch_size != "auto":
                 values["batch_size"] = top.batch_size
             if top.learning_rate_multiplier != "auto":
-                values["learning_rate"] = BASE_LEARNING_RATE * top.learning_rate_multiplier
+                values["learning_rate"] = model.base_learning_rate() * top.learning_rate_multiplier
         params = getattr(method, method.type)
         if params is not None and params.hyperparameters is not None:
             values.update(params.hyperparameters.model_dump(exclude_unset=True))
         if self.seed is not None:
             values["seed"] = self.seed
         try:
-            hp = Hyperparameters.model_validate(values)
+            hp = model.model_validate(values)
         except ValidationError as exc:
             # The combination failed (e.g. learning_rate_multiplier so small the rate is 0).
             err = exc.errors()[0]
@@ -85,7 +122,7 @@ class JobCreate(Strict):
             raise ValidationFailed(f"hyperparameters.{field}: {err['msg']}",
                                    param=f"hyperparameters.{field}") from None
         # Stored with alpha resolved, so the job shows (and the worker gets) the number it used.
-        return name, hp.model_copy(update={"lora_alpha": hp.alpha})
+        return name, hp.model_copy(update={"lora_alpha": hp.alpha}) if "lora_alpha" in model.model_fields else hp
 
 
 class JobError(BaseModel):
@@ -134,7 +171,8 @@ class JobPublic(BaseModel):
             "finished_at": m["finished_at"], "fine_tuned_model": m["fine_tuned_model"],
             "training_file": m["training_file"], "validation_file": m["validation_file"],
             "hyperparameters": {"n_epochs": hp["n_epochs"], "batch_size": hp["batch_size"],
-                                "learning_rate_multiplier": hp["learning_rate"] / BASE_LEARNING_RATE},
+                                "learning_rate_multiplier":
+                                    hp["learning_rate"] / HYPERPARAMETERS[method].base_learning_rate()},
             "method": {"type": method, method: {"hyperparameters": hp}},
             "resources": m["resources"], "seed": m["seed"], "user_provided_suffix": m["suffix"],
             "metadata": m["user_metadata"],

@@ -14,6 +14,9 @@ class ModelPublic(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # An adapter's training method, shaped as a job's: {"type": "ia3", "ia3": {"hyperparameters":
+    # {...}}} (the config only where one model is read); None for a base model.
+    method: dict[str, Any] | None = None
 
 
 class ModelDeleted(BaseModel):
