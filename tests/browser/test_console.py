@@ -136,14 +136,18 @@ def test_job_curve_grows_while_it_trains_then_cancel(stack, open_page, make_tena
 def test_finished_job_page_and_jobs_list(stack, open_page, make_tenant):
     tenant = make_tenant()
     job_id, adapter = run_job(stack, tenant, "pirate")
+    queued = tenant.client.fine_tuning.jobs.create(  # no scheduler in this stack: it stays queued
+        model="lorafleet/tiny-llama", training_file=tenant.client.files.list().data[0].id, method="qlora", suffix="bravo")
     page = open_page()
     sign_in(page, tenant.key)
     row = page.locator(f"tr[data-job='{job_id}']")
     row.wait_for()
     assert "succeeded" in row.text_content() and "pirate" in row.text_content()
     screenshot(page, "jobs")
-    page.select_option("#status-filter", "running")
+    page.locator(f"tr[data-job='{queued.id}']").wait_for()
+    page.select_option("#status-filter", "queued")
     row.wait_for(state="detached")
+    assert page.locator(f"tr[data-job='{queued.id}']").count() == 1
     page.click("text=Jobs")
     page.goto(f"/console#/jobs/{job_id}")
     until(page, f"document.querySelector('#loss-chart').chart?.data[0].length === {len(CURVE)}")
@@ -224,7 +228,7 @@ def test_markup_in_tenant_strings_renders_as_text(open_page, make_tenant):
     # the open_page fixture fails the test if a dialog fired
 
 
-def test_admin_creates_a_tenant_and_a_key(stack, open_page):
+def test_admin_creates_a_tenant_and_a_key(stack, admin, open_page):
     page = open_page()
     sign_in(page, stack.admin_token, role="admin")
     page.fill("#tenant-name", "console-made")
@@ -238,6 +242,7 @@ def test_admin_creates_a_tenant_and_a_key(stack, open_page):
     key.wait_for()
     secret = key.text_content()
     assert secret.startswith("lf-")
+    page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, "admin")
     jobs = httpx.get(stack.base_url + "/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {secret}"})
     assert jobs.status_code == 200 and jobs.json()["data"] == []  # the new key works, on an empty tenant
@@ -245,6 +250,10 @@ def test_admin_creates_a_tenant_and_a_key(stack, open_page):
     until(page, "!document.querySelector('#keys button.danger')")
     refused = httpx.get(stack.base_url + "/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {secret}"})
     assert refused.status_code == 401
+    page.click("button[aria-label='Disable console-made']")
+    page.locator("#tenants tr", has_text="console-made").locator(".s-disabled").wait_for()
+    made = [t for t in admin.admin.tenants.list() if t.name == "console-made"]
+    assert [t.status for t in made] == ["disabled"]
 
 
 def test_phone_width_has_no_sideways_scroll(stack, open_page, make_tenant):

@@ -14,7 +14,7 @@ export function adminView(view) {
     h("button", { type: "submit", text: "Create tenant" }), createError);
   const tenants = h("section", { id: "tenants" });
   const keys = h("section", { id: "keys", class: "card", hidden: true });
-  replace(view, h("h1", { text: "Admin" }), tenants, keys, create);
+  replace(view, h("h1", { text: "Admin" }), create, keys, tenants);
   const guard = (fn) => async () => {
     try {
       await fn();
@@ -44,17 +44,16 @@ export function adminView(view) {
   }
 
   async function load() {
-    const rows = await all("/v1/admin/tenants");
-    replace(tenants, h("h2", { text: "Tenants" }), table([
+    const rows = (await all("/v1/admin/tenants")).sort((x, y) => y.created_at - x.created_at);
+    replace(tenants, h("h2", { text: `Tenants (${rows.length})` }), table([
       ["Name", (t) => t.name], ["Id", (t) => t.id],
       ["Status", (t) => h("span", { class: `status s-${t.status}`, text: t.status })],
       ...LIMITS.map(([key, label]) => [label, (t) => t[key]]),
       ["Created", (t) => when(t.created_at)],
-      ["", (t) => [
+      ["", (t) => h("div", { class: "actions" },
         h("button", { type: "button", text: "Keys", "aria-label": `Keys of ${t.name}`, onclick: guard(() => showKeys(t)) }),
-        h("button", { type: "button", text: t.status === "active" ? "Disable" : "Enable",
-          onclick: guard(async () => { await patch(`/v1/admin/tenants/${t.id}`, { status: t.status === "active" ? "disabled" : "active" }); await load(); }) }),
-      ]],
+        h("button", { type: "button", text: t.status === "active" ? "Disable" : "Enable", "aria-label": `${t.status === "active" ? "Disable" : "Enable"} ${t.name}`,
+          onclick: guard(async () => { await patch(`/v1/admin/tenants/${t.id}`, { status: t.status === "active" ? "disabled" : "active" }); await load(); }) }))],
     ], rows, (t) => ({ "data-tenant": t.id })));
   }
 
@@ -65,7 +64,7 @@ export function adminView(view) {
     for (const [key, , el] of limitInputs) if (el.value !== "") body[key] = Number(el.value);
     try {
       const tenant = await post("/v1/admin/tenants", body);
-      name.value = "";
+      create.reset();
       await load();
       await showKeys(tenant);
     } catch (exc) {
