@@ -162,7 +162,10 @@ def test_server_killed_mid_run_every_job_ends_once(ray_cluster, tmp_path_factory
         stack.start()
         client = httpx.Client(base_url=stack.url, headers=client.headers, timeout=60)
         final = _wait(client, jobs)
-        assert all(s[-1] == "succeeded" for s in final.values()), (final, (stack.data_dir / "server.log").read_text()[-3000:])
+        unfinished = {j: (s, client.get(f"/v1/fine_tuning/jobs/{j}").json().get("error"),
+                          [e["message"] for e in _events(client, j)][-6:])
+                      for j, s in final.items() if s[-1] != "succeeded"}
+        assert not unfinished, (unfinished, (stack.data_dir / "server.log").read_text()[-3000:])
         ray = RayJobLauncher(ray_cluster["dashboard"])
         for job_id in jobs:
             starts = [e for e in _events(client, job_id)
