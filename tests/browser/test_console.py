@@ -3,6 +3,9 @@ playground, tenant isolation, markup in tenant strings, CSP, and the admin view.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import httpx
 import pytest
 from conftest import screenshot, sign_in, until
@@ -158,6 +161,10 @@ def test_finished_job_page_and_jobs_list(stack, open_page, make_tenant):
     page.click("text=Models")
     row = page.locator(f"tr[data-adapter='{adapter}']")
     row.wait_for()
+    with page.expect_download() as download:  # fetched with the key, saved from memory
+        row.get_by_role("button", name="adapter_config.json").click()
+    assert download.value.suggested_filename == f"{adapter}-adapter_config.json"
+    assert json.loads(Path(download.value.path()).read_text())["peft_type"] == "LORA"
     export = row.get_by_role("button", name=f"Export {adapter} merged into its base")
     if api_has(stack, "/v1/models/{adapter_id}/exports"):
         export.click()
@@ -262,7 +269,18 @@ def test_phone_width_has_no_sideways_scroll(stack, open_page, make_tenant):
     page = open_page(390, 844)
     sign_in(page, tenant.key)
     page.wait_for_selector("#jobs-list tr[data-job]")
-    for view in ("#/jobs", "#/new", "#/playground"):
+    for view, ready in (("#/jobs", "#jobs-list tr[data-job]"), ("#/new", "#hp-r"), ("#/playground", "#models .check"),
+                        ("#/models", "#adapters tr[data-adapter]")):
         page.goto(f"/console{view}")
-        page.wait_for_timeout(300)
+        page.wait_for_selector(ready)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), view
+    screenshot(page, "phone-models")
+
+
+def test_a_missing_chromium_fails_and_says_how_to_install_it(monkeypatch):
+    from conftest import chromium_path
+
+    monkeypatch.delenv("LORAFLEET_CHROMIUM", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="chromium is not installed: `make install` installs it"):
+        chromium_path()

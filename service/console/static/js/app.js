@@ -70,6 +70,7 @@ export function render() {
       replace(view);
       const stop = build(view, ...match.slice(1));
       if (typeof stop === "function") stopCurrent = stop;
+      view.focus({ preventScroll: true }); // keyboard and screen-reader users start at the new view
       return;
     }
   }

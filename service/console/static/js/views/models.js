@@ -43,12 +43,11 @@ export function modelsView(view) {
       ["Files (sha256)", (a) => h("ul", { class: "plain" }, a.files.map((f) => h("li", {},
         h("button", { type: "button", class: "link", text: f.name, onclick: guard(() => download(a.id, f.name)) }),
         " ", h("code", { class: "sha", title: f.sha256, text: f.sha256.slice(0, 12) }))))],
-      ["", (a) => [
+      ["", (a) => h("div", { class: "actions" },
         canExport ? h("button", { type: "button", text: "Export", "aria-label": `Export ${a.id} merged into its base`,
           onclick: guard(async () => { const op = await post(`/v1/models/${encodeURIComponent(a.id)}/exports`); note.textContent = `Export ${op.id} of ${a.id}: ${op.status}`; }) }) : null,
         h("button", { type: "button", class: "danger", text: "Delete", "aria-label": `Delete ${a.id}`,
-          onclick: guard(async () => { if (confirm(`Delete ${a.id}?`)) await del(`/v1/models/${encodeURIComponent(a.id)}`); }) }),
-      ]],
+          onclick: guard(async () => { if (confirm(`Delete ${a.id}?`)) await del(`/v1/models/${encodeURIComponent(a.id)}`); }) }))],
     ], details, (a) => ({ "data-adapter": a.id })) : h("p", { class: "muted", text: "No adapters yet: a succeeded job publishes one." }));
   }
   load().catch((exc) => flash(exc.message));
