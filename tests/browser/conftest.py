@@ -6,10 +6,7 @@ installs them."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sdk"))  # live_stack beside the SDK tests
 
 import lorafleet  # noqa: E402
+from console_helpers import INSTALL_HINT, chromium_path  # noqa: E402
 from live_stack import LiveStack, start_stack  # noqa: E402
-
-SCREENSHOTS = Path(__file__).with_name("screenshots")  # git-ignored; docs/img holds the README's copies
-INSTALL_HINT = "`make install` installs it (apt-get install -y chromium; the playwright wheel from the test extra)"
-
-
-def chromium_path() -> str:
-    path = os.environ.get("LORAFLEET_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.fail(f"chromium is not installed: {INSTALL_HINT}", pytrace=False)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -112,24 +100,3 @@ def open_page(browser, stack):
     for ctx in contexts:
         ctx.close()
     assert not problems, problems
-
-
-def sign_in(page, secret: str, role: str = "tenant") -> None:
-    page.select_option("#role", role)
-    page.fill("#secret", secret)
-    page.press("#secret", "Enter")
-    page.wait_for_selector("#jobs-list" if role == "tenant" else "#tenants table")
-
-
-def until(page, js: str, timeout_s: float = 20) -> None:
-    """Polls a JS expression until it is truthy. page.wait_for_function would evaluate a string in
-    the page, which the console's CSP (no 'unsafe-eval') rightly refuses."""
-    deadline = time.monotonic() + timeout_s
-    while not page.evaluate(js):
-        assert time.monotonic() < deadline, f"still false after {timeout_s} s: {js}"
-        page.wait_for_timeout(50)
-
-
-def screenshot(page, name: str) -> None:
-    SCREENSHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import screenshot, sign_in, until
+from console_helpers import screenshot, sign_in, until
 from live_stack import FakeWorker, adapter_files
 
 pytestmark = pytest.mark.browser
@@ -228,8 +228,11 @@ def test_markup_in_tenant_strings_renders_as_text(open_page, make_tenant):
     assert page.locator("#upload-result .ok strong").text_content() == name
     until(page, f"[...document.querySelectorAll('#training_file option')].some(o => o.textContent.startsWith({name!r}))")
     page.fill("#suffix", XSS)
+    page.fill("#hp-r", "0")
     page.click("#create-job")
     until(page, "document.querySelector('#err-suffix').textContent.length > 0")
+    assert page.locator("#err-hp-r").text_content()  # each problem beside the field its param names
+    assert page.locator("#form-error").text_content() == ""
     assert page.locator("main img").count() == 0  # no element made from a tenant's string
     assert tenant.client.fine_tuning.jobs.list().data == []  # refused, nothing created
     # the open_page fixture fails the test if a dialog fired
@@ -278,7 +281,7 @@ def test_phone_width_has_no_sideways_scroll(stack, open_page, make_tenant):
 
 
 def test_a_missing_chromium_fails_and_says_how_to_install_it(monkeypatch):
-    from conftest import chromium_path
+    from console_helpers import chromium_path
 
     monkeypatch.delenv("LORAFLEET_CHROMIUM", raising=False)
     monkeypatch.setattr("shutil.which", lambda name: None)
