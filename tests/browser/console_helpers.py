@@ -36,6 +36,6 @@ def until(page, js: str, timeout_s: float = 20) -> None:
         page.wait_for_timeout(50)
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(page, name: str, full_page: bool = False) -> None:
     SCREENSHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)

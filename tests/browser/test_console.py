@@ -185,7 +185,22 @@ def test_playground_streams_base_and_two_adapters_side_by_side(stack, open_page,
     page.fill("#prompt", "Who are you?")
     for adapter in adapters:
         page.check(f"[id='pick-{adapter}']")
+    blends = api_has(stack, "/v1/adapters/blend")
+    if blends:  # a live weighted blend of the two, as a fourth answer
+        page.check("#blend-on")
+        page.locator(f"[id='w-{adapters[1]}']").fill("0.5")
+    else:  # absent, not broken
+        assert page.locator("#blend").is_hidden()
     page.click("#send")
+    if blends:
+        panel = page.locator("article.answer[data-model='blend']")
+        panel.and_(page.locator(".done")).wait_for()
+        shown = page.evaluate("[...document.querySelectorAll('#models input[data-kind=adapter]:checked')].map(e => e.value)")
+        weight = {adapters[0]: "1", adapters[1]: "0.5"}
+        assert sorted(shown) == sorted(adapters)
+        assert panel.locator("h2").text_content() == "blend: " + " + ".join(f"{weight[a]}×{a}" for a in shown)
+        # the control plane accepted both adapters of this tenant and routed to the first
+        assert panel.locator(".answer-text").text_content() == f"Ahoy from {shown[0]}"
     for model in ("lorafleet/tiny-llama", *adapters):
         panel = page.locator(f"article.answer[data-model='{model}']")
         panel.and_(page.locator(".done")).wait_for()
@@ -193,7 +208,7 @@ def test_playground_streams_base_and_two_adapters_side_by_side(stack, open_page,
         assert panel.locator(".answer-text").text_content() == f"Ahoy from {routed}"
         stats = panel.locator(".stats").text_content()
         assert stats.startswith("3 tokens") and "time to first token" in stats and "tokens/s" in stats  # 3 chunks streamed
-    screenshot(page, "playground")
+    screenshot(page, "playground", full_page=True)
 
 
 def test_tenant_b_sees_none_of_tenant_as(stack, open_page, make_tenant):

@@ -1,4 +1,4 @@
-import { get, streamChat, ApiError } from "../api.js";
+import { get, hasPath, streamChat, ApiError } from "../api.js";
 import { h, replace } from "../dom.js";
 
 const MAX_ADAPTERS = 4;
@@ -15,30 +15,53 @@ export function playgroundView(view) {
   const [maxTokens, mField] = number("max_tokens", "Max tokens", { min: 1, max: 4096, step: "1", value: "64" });
   const choices = h("fieldset", { id: "models" }, h("legend", { text: `Base model and up to ${MAX_ADAPTERS} adapters` }));
   const answers = h("div", { id: "answers", class: "answers" });
+  // A live weighted blend of the checked adapters, per request (docs/API.md "Blends"); offered
+  // only where the API has blends (their offline route shipped with the live one).
+  const blendOn = h("input", { type: "checkbox", id: "blend-on" });
+  const sliders = h("div", { class: "grid", id: "blend-weights" });
+  const blend = h("fieldset", { id: "blend", hidden: true },
+    h("legend", { text: "Weighted blend" }),
+    h("div", { class: "check" }, blendOn, h("label", { for: "blend-on", text: "Also ask a live blend of the checked adapters" })),
+    sliders);
   const send = h("button", { type: "submit", id: "send", text: "Send" });
   const form = h("form", { class: "card" }, h("label", { for: "prompt", text: "Prompt" }), prompt,
-    h("div", { class: "grid" }, tField, pField, mField), choices, send);
+    h("div", { class: "grid" }, tField, pField, mField), choices, blend, send);
   replace(view, h("h1", { text: "Playground" }), form, answers);
 
   const boxes = () => [...choices.querySelectorAll("input[type=checkbox]")];
+  const checkedAdapters = () => boxes().filter((b) => b.dataset.kind === "adapter" && b.checked).map((b) => b.value);
+  let canBlend = false;
+  const weights = new Map(); // adapter id -> its weight slider, kept while it stays checked
+  function showBlend() {
+    const picked = checkedAdapters();
+    blend.hidden = !canBlend || picked.length < 2;
+    replace(sliders, picked.map((id) => {
+      if (!weights.has(id)) weights.set(id, h("input", { type: "range", id: `w-${id}`, min: "-1", max: "2", step: "0.1", value: "1" }));
+      const slider = weights.get(id);
+      const shown = h("output", { for: slider.id, text: slider.value });
+      slider.oninput = () => { shown.textContent = slider.value; };
+      return h("div", { class: "field" }, h("label", { for: slider.id }, "weight of ", h("span", { text: id })), slider, shown);
+    }));
+  }
   choices.addEventListener("change", () => {
     const adapters = boxes().filter((b) => b.dataset.kind === "adapter");
     const full = adapters.filter((b) => b.checked).length >= MAX_ADAPTERS;
     for (const b of adapters) b.disabled = full && !b.checked;
+    showBlend();
   });
 
-  function panel(modelId) {
+  function panel(modelId, title = modelId) {
     const text = h("p", { class: "answer-text" });
     const stats = h("p", { class: "muted stats", text: "waiting…" });
-    const el = h("article", { class: "answer card", "data-model": modelId }, h("h2", { text: modelId }), text, stats);
+    const el = h("article", { class: "answer card", "data-model": modelId }, h("h2", { text: title }), text, stats);
     return { el, text, stats };
   }
 
-  async function ask(modelId, p) {
+  async function ask(p, modelId, extra = {}) {
     const started = performance.now();
     let first, chunks = 0;
     const body = { model: modelId, messages: [{ role: "user", content: prompt.value }],
-      temperature: Number(temperature.value), top_p: Number(topP.value), max_tokens: Number(maxTokens.value) };
+      temperature: Number(temperature.value), top_p: Number(topP.value), max_tokens: Number(maxTokens.value), ...extra };
     try {
       await streamChat(body, (delta) => {
         first ??= performance.now();
@@ -59,13 +82,19 @@ export function playgroundView(view) {
     ev.preventDefault();
     const picked = boxes().filter((b) => b.checked).map((b) => b.value);
     if (!picked.length || !prompt.value.trim()) return;
-    const panels = picked.map(panel);
-    replace(answers, panels.map((p) => p.el));
+    const asks = picked.map((m) => [panel(m), m, {}]);
+    const blended = checkedAdapters();
+    if (!blend.hidden && blendOn.checked) {
+      const parts = blended.map((id) => ({ model: id, weight: Number(weights.get(id).value) }));
+      asks.push([panel("blend", `blend: ${parts.map((b) => `${b.weight}×${b.model}`).join(" + ")}`), blended[0], { adapters: parts }]);
+    }
+    replace(answers, asks.map(([p]) => p.el));
     send.disabled = true;
-    await Promise.all(picked.map((m, i) => ask(m, panels[i])));
+    await Promise.all(asks.map((args) => ask(...args)));
     send.disabled = false;
   });
 
+  hasPath("/v1/adapters/blend").then((yes) => { canBlend = yes; showBlend(); });
   get("/v1/models").then(({ data }) => {
     const option = (m, kind, checked) => {
       const id = `pick-${m.id}`;
