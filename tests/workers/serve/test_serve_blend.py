@@ -65,3 +65,48 @@ def test_a_blend_past_the_replicas_rank_is_refused(tiny):
     blend = compose([(tiny.adapter("ad8"), 1.0), (tiny.adapter("ad16"), 1.0)], adapter_id="ad8+ad16")
     with pytest.raises(AdapterFormatError, match="rank 24"):
         engine.slots.check(blend)
+
+
+def test_serving_front_answers_a_live_blend_like_the_published_offline_blend(tiny, offline, local_store, tmp_path):
+    import asyncio
+
+    from workers.serve import synthetic
+    from workers.serve.adapters import AdapterCache
+    from workers.serve.front import ServingFront
+    from workers.serve.runner import EngineRunner
+
+    base_id = "test/tiny-random-llama"
+    prefixes = {}
+    for name in (*WEIGHTS, "ad16"):
+        prefixes[name] = f"tenants/t/adapters/{name}/v1"
+        synthetic.publish_adapter(local_store, tiny.adapter_dirs[name], prefixes[name], adapter_id=name,
+                                  base_model_id=base_id)
+    out = tmp_path / "offline"
+    blend_local(tiny.base_dir, [(tiny.adapter_dirs[n], w) for n, w in WEIGHTS.items()], out, combination="cat")
+    synthetic.publish_adapter(local_store, out, "tenants/t/adapters/bl/v1", adapter_id="bl", base_model_id=base_id)
+    engine = Engine(tiny.base_model(), tiny.tokenizer, max_batch=4, max_len=64, adapter_slots=4, max_rank=16)
+    front = ServingFront(EngineRunner(engine), AdapterCache(local_store, base_model_id=base_id, device=engine.slots),
+                         tiny.tokenizer, base_model_id=base_id, default_max_tokens=8)
+
+    def ask(adapter: str, blend: list[tuple[str, float]] | None = None) -> dict:
+        routing = {"adapter": {"id": adapter, "prefix": prefixes.get(adapter, "tenants/t/adapters/bl/v1"),
+                               "base_model_id": base_id},
+                   "blend": [{"id": n, "prefix": prefixes[n], "weight": w} for n, w in blend] if blend else None}
+        body = {"model": adapter, "messages": [{"role": "user", "content": "Hello there"}], "temperature": 0,
+                "lorafleet": routing}
+
+        async def run():
+            return [item async for item in front.run("chat", body)]
+
+        return asyncio.run(asyncio.wait_for(run(), 60))[0]
+
+    try:
+        live = ask("ad8", list(WEIGHTS.items()))["response"]["choices"][0]["message"]["content"]
+        assert live == ask("bl")["response"]["choices"][0]["message"]["content"]
+        assert live != ask("ad8")["response"]["choices"][0]["message"]["content"]
+        # 8 + 16 is past this replica's rank 16: that request's 422, in our words.
+        refused = ask("ad8", [("ad8", 1.0), ("ad16", 1.0)])["problem"]
+        assert (refused["status"], refused["code"], refused["param"]) == (422, "adapter_invalid", "model")
+        assert "rank 24" in refused["detail"]
+    finally:
+        front.close()
