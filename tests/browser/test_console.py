@@ -57,7 +57,7 @@ def test_csp_and_security_headers(stack):
     assert "<script>" not in page and " style=" not in page and "http" not in page  # nothing inline, nothing remote
 
 
-def test_sign_in_with_a_bad_key_then_a_good_one(open_page, make_tenant):
+def test_sign_in_with_a_bad_key_then_a_good_one(open_page, make_tenant, admin):
     tenant = make_tenant()
     page = open_page()
     assert page.evaluate("document.activeElement.id") == "secret"  # keyboard first: focus starts in the field
@@ -73,6 +73,12 @@ def test_sign_in_with_a_bad_key_then_a_good_one(open_page, make_tenant):
     assert page.evaluate("JSON.parse(sessionStorage.getItem('lorafleet.credential')).role") == "tenant"
     page.click("#signout")
     page.wait_for_selector("#secret")
+    assert page.evaluate("sessionStorage.length") == 0
+
+    sign_in(page, tenant.key)  # then the key is revoked while the jobs list polls
+    for key in admin.admin.api_keys.list(tenant.id):
+        admin.admin.api_keys.revoke(key.id)
+    until(page, "document.querySelector('#signin-error')?.textContent.startsWith('Signed out: the API refused the key')")
     assert page.evaluate("sessionStorage.length") == 0
 
 

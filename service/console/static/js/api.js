@@ -26,9 +26,8 @@ export class ApiError extends Error {
   }
 }
 
-function headers(extra = {}) {
-  const cred = credential();
-  return cred ? { Authorization: `Bearer ${cred.secret}`, ...extra } : extra;
+function headers(secret) {
+  return secret ? { Authorization: `Bearer ${secret}` } : {};
 }
 
 async function problemOf(resp) {
@@ -39,10 +38,11 @@ async function problemOf(resp) {
   }
 }
 
-export async function request(method, path, { json, form, query, raw } = {}) {
+// `secret` tries a credential not yet stored (sign-in); otherwise the stored one is used.
+export async function request(method, path, { json, form, query, raw, secret } = {}) {
   const url = new URL(path, location.origin);
   for (const [k, v] of Object.entries(query || {})) if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
-  const init = { method, headers: headers(), credentials: "omit", cache: "no-store" };
+  const init = { method, headers: headers(secret ?? credential()?.secret), credentials: "omit", cache: "no-store" };
   if (json !== undefined) {
     init.body = JSON.stringify(json);
     init.headers["Content-Type"] = "application/json";
@@ -50,6 +50,12 @@ export async function request(method, path, { json, form, query, raw } = {}) {
     init.body = form;
   }
   const resp = await fetch(url, init);
+  if (resp.status === 401 && secret === undefined && credential()) {
+    // revoked, or the tenant disabled: forget it and ask again (app.js listens)
+    signOut();
+    window.dispatchEvent(new CustomEvent("lorafleet:signed-out", { detail: await problemOf(resp) }));
+    throw new ApiError(401, { detail: "signed out", code: "unauthorized" });
+  }
   if (!resp.ok) throw new ApiError(resp.status, await problemOf(resp));
   if (raw) return resp;
   return resp.status === 204 ? null : resp.json();

@@ -1,6 +1,6 @@
 // Hash routes (#/jobs, #/jobs/<id>, …): one page, so the server serves a single file and the
 // credential never leaves this tab.
-import { credential, signIn, signOut, get, ApiError } from "./api.js";
+import { credential, signIn, signOut, request, ApiError } from "./api.js";
 import { h, replace, flash } from "./dom.js";
 import { jobsView } from "./views/jobs.js";
 import { jobView } from "./views/job.js";
@@ -21,12 +21,12 @@ const routes = [
   [/^#\/admin$/, "admin", adminView],
 ];
 
-function signInView() {
+function signInView(reason) {
   const secret = h("input", { id: "secret", type: "password", autocomplete: "off", required: true });
   const role = h("select", { id: "role" },
     h("option", { value: "tenant", text: "Tenant API key" }),
     h("option", { value: "admin", text: "Admin token" }));
-  const error = h("p", { id: "signin-error", class: "error", role: "alert" });
+  const error = h("p", { id: "signin-error", class: "error", role: "alert", text: reason });
   const form = h("form", { class: "card narrow", "aria-labelledby": "signin-title" },
     h("h1", { id: "signin-title", text: "Sign in" }),
     h("label", { for: "role", text: "Sign in with" }), role,
@@ -35,14 +35,15 @@ function signInView() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     error.textContent = "";
-    signIn(role.value, secret.value.trim());
+    const value = secret.value.trim();
     try {
-      // any cheap read that needs the credential: a 401/403 says it is wrong
-      await get(role.value === "admin" ? "/v1/admin/tenants" : "/v1/fine_tuning/jobs", { limit: 1 });
+      // any cheap read that needs the credential: a 401/403 says it is wrong; kept only if right
+      await request("GET", role.value === "admin" ? "/v1/admin/tenants" : "/v1/fine_tuning/jobs",
+        { query: { limit: 1 }, secret: value });
+      signIn(role.value, value);
       location.hash = role.value === "admin" ? "#/admin" : "#/jobs";
       render();
     } catch (exc) {
-      signOut();
       error.textContent = exc instanceof ApiError ? `${exc.code}: ${exc.message}` : String(exc);
     }
   });
@@ -50,7 +51,7 @@ function signInView() {
   secret.focus();
 }
 
-export function render() {
+export function render(reason) {
   stopCurrent();
   stopCurrent = () => {};
   flash("");
@@ -58,7 +59,7 @@ export function render() {
   const nav = document.getElementById("nav");
   const out = document.getElementById("signout");
   nav.hidden = out.hidden = !cred;
-  if (!cred) return signInView();
+  if (!cred) return signInView(reason);
   for (const link of nav.querySelectorAll("a")) {
     link.hidden = link.dataset.role !== cred.role;
     link.toggleAttribute("aria-current", location.hash.startsWith(link.getAttribute("href")));
@@ -82,5 +83,8 @@ document.getElementById("signout").addEventListener("click", () => {
   location.hash = "";
   render();
 });
-window.addEventListener("hashchange", render);
+window.addEventListener("hashchange", () => render());
+window.addEventListener("lorafleet:signed-out", (ev) => {
+  render(`Signed out: the API refused the key (${ev.detail.code || 401}: ${ev.detail.detail || "unauthorized"}).`);
+});
 render();

@@ -2,6 +2,7 @@ import { get, post, hasPath, ApiError } from "../api.js";
 import { h, replace, table, when, duration, every, flash, methodOf } from "../dom.js";
 import { lossChart } from "../chart.js";
 
+const MAX_LOG_LINES = 1000; // the newest; the API keeps them all
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 // Which action each state allows; pause/resume appear only where the API has those routes.
 const ACTIONS = {
@@ -63,6 +64,7 @@ export function jobView(view, jobId) {
           if (e.data.total_steps) lastMetrics = e.data;
         }
         log.append(h("li", { class: `lvl-${e.level}` }, h("time", { text: when(e.created_at) }), " ", e.message));
+        if (log.childElementCount > MAX_LOG_LINES) log.firstElementChild.remove();
       }
       if (page.data.length) lastEvent = page.data[page.data.length - 1].id;
       if (!page.has_more) break;
