@@ -4,8 +4,8 @@ Reading: ``parse_method`` turns PEFT's adapter files into the host tensors the e
 
 - DoRA (``LoraConfig(use_dora=True)``): LoRA A/B plus the magnitude vector of each module;
 - AdaLoRA: its SVD form ``B · diag(E) · A`` with pruned ranks is a LoRA of per-module rank
-  (``A·E`` and ``B`` times ``lora_alpha / (init_r + 1e-5)``, as PEFT scales it), zero-padded to
-  the adapter's largest rank (zero columns add exactly nothing);
+  (``A·E`` and ``B`` times ``lora_alpha / (init_r + 1e-5)``, as PEFT scales it): the engine's
+  page pools hold each module's own rank;
 - (IA)3: a scaling vector per module, on the input of feedforward modules, on the output of
   the others (the saved shape, ``(1, in)`` or ``(out, 1)``, says which);
 - prompt tuning and P-tuning: the virtual-token embeddings. PEFT saves the prompt encoder's
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from workers.serve.lora import AdapterFormatError, LoraAdapter, _checked
+from workers.serve.lora import AdapterFormatError, LoraAdapter, _checked, rewrites_base
 
 # peft_type in adapter_config.json → the method name our manifests and API use.
 METHODS = {"LORA": "lora", "ADALORA": "adalora", "IA3": "ia3", "PREFIX_TUNING": "prefix_tuning",
@@ -125,6 +125,8 @@ def _lora_family(config: dict, tensors: dict[str, torch.Tensor], *, key: str, ad
         unsupported.append("use_dora")
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
+    if rewrites_base(config):
+        unsupported.append("init_lora_weights")
     if unsupported:
         raise AdapterFormatError(f"adapter {adapter_id!r} uses options this replica does not serve "
                                  f"with {METHODS[config['peft_type']]}: {unsupported}")
@@ -137,9 +139,7 @@ def _lora_family(config: dict, tensors: dict[str, torch.Tensor], *, key: str, ad
     if not parts:
         raise AdapterFormatError(f"adapter {adapter_id!r} holds no LoRA weights")
     if adalora:
-        init_r = _number(config, adapter_id, "init_r", 12)
-        # PEFT: scaling / (ranknum + 1e-5) in float32, ranknum the initial rank (kept on resize).
-        scale = float(torch.tensor(alpha) / (torch.tensor(init_r) + 1e-5)) if alpha > 0 else None
+        ranknum = torch.tensor(_number(config, adapter_id, "init_r", 12)) + 1e-5  # float32, as PEFT
     else:
         rank = int(_number(config, adapter_id, "r"))
         if rank < 1:
@@ -150,20 +150,22 @@ def _lora_family(config: dict, tensors: dict[str, torch.Tensor], *, key: str, ad
         want = {"lora_A", "lora_B", "lora_E" if adalora else "lora_magnitude_vector"}
         if set(p) != want:
             raise AdapterFormatError(f"adapter {adapter_id!r}: {module} needs {sorted(want)}, has {sorted(p)}")
+        if adalora and p["lora_A"].shape[:1] == p["lora_E"].shape[:1] == (0,):
+            continue  # every rank of the module pruned: it adds nothing
         a = _checked(adapter_id, f"{module}.lora_A", p["lora_A"], torch.float32)  # (r, in)
         b = _checked(adapter_id, f"{module}.lora_B", p["lora_B"], torch.float32)  # (out, r)
         r = a.shape[0]
-        if b.shape[1] != r:
-            raise AdapterFormatError(f"adapter {adapter_id!r}: {module} has lora_A rank {r}, lora_B rank {b.shape[1]}")
+        if b.shape[1] != r or not (adalora or r == rank):
+            raise AdapterFormatError(f"adapter {adapter_id!r}: {module} has lora_A rank {r}, lora_B rank "
+                                     f"{b.shape[1]}{'' if adalora else f', r={rank}'}")
         if adalora:
             e = _checked(adapter_id, f"{module}.lora_E", p["lora_E"], torch.float32)
             if tuple(e.shape) != (r, 1):
                 raise AdapterFormatError(f"adapter {adapter_id!r}: {module}.lora_E has shape "
                                          f"{tuple(e.shape)}, not ({r}, 1)")
-            if r == 0:
-                continue  # every rank pruned: the module adds nothing
-            # alpha <= 0: PEFT scales by the module's own rank (its rank after pruning)
-            a, b = a * e, b * (scale if scale is not None else float(torch.tensor(float(r)) / (r + 1e-5)))
+            # PEFT: B (A·E) · scaling / ranknum; scaling is lora_alpha, or the module's rank
+            # (after pruning) if lora_alpha <= 0; ranknum stays init_r when ranks are pruned.
+            a, b = a * e, b * float(torch.tensor(alpha if alpha > 0 else float(r)) / ranknum)
         else:
             if not config.get("use_dora"):
                 raise AdapterFormatError(f"adapter {adapter_id!r} is not DoRA")
@@ -176,22 +178,12 @@ def _lora_family(config: dict, tensors: dict[str, torch.Tensor], *, key: str, ad
         weights[module] = (a.t().to(dtype).contiguous(), b.t().to(dtype).contiguous())
     if not weights:
         raise AdapterFormatError(f"adapter {adapter_id!r}: every rank was pruned")
-    rank = max(a.shape[1] for a, _ in weights.values())
-    weights = {m: _pad(a, b, rank) for m, (a, b) in weights.items()}
+    rank = max(a.shape[1] for a, _ in weights.values())  # AdaLoRA: modules keep their own ranks
     if adalora:
         return LoraAdapter(key=key, adapter_id=adapter_id, rank=rank, scale=1.0, weights=weights,
                            method="adalora")
     return LoraAdapter(key=key, adapter_id=adapter_id, rank=rank, scale=scale, weights=weights,
                        method="dora", parts=MethodParts(dora=magnitudes))
-
-
-def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(in, r), (r, out) with zero columns/rows up to ``rank``: the product is unchanged."""
-    r = a.shape[1]
-    if r == rank:
-        return a, b
-    return (torch.cat([a, a.new_zeros(a.shape[0], rank - r)], 1).contiguous(),
-            torch.cat([b, b.new_zeros(rank - r, b.shape[1])], 0).contiguous())
 
 
 def _ia3(config: dict, tensors: dict[str, torch.Tensor], *, key: str, adapter_id: str,
