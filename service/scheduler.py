@@ -1,7 +1,7 @@
 """The scheduler: turns queued jobs into Ray runs, fairly, and keeps the database true to Ray.
 
 One leader at a time (a Postgres advisory lock; a file lock on SQLite). Every tick it
-1. stops the runs of jobs being cancelled,
+1. stops the runs of jobs being cancelled, and marks paused those whose run stopped at a pause,
 2. reconciles running jobs with what Ray says (after any restart this is what recovers them) and
    stops those past their wall-clock limit (`timeout`),
 3. fails jobs queued longer than LORAFLEET_MAX_QUEUE_WAIT_S (`insufficient_resources`),
@@ -132,6 +132,9 @@ class Launcher(Protocol):
 # long the queues; a tenant that could start more this tick gets them on the next.
 MAX_HEADS_PER_TENANT = 8
 HEADS_ROW_BUDGET = 1000
+# How long a pausing run may take to write its checkpoint and stop (it polls its status every
+# 2 s and checkpoints in seconds) before the scheduler stops it.
+PAUSE_GRACE_S = 300
 # How often queued jobs are checked against max_queue_wait_s (a scan of the whole queue).
 EXPIRY_INTERVAL_S = 60.0
 
@@ -162,7 +165,7 @@ class Scheduler:
         now = self.clock()
         active = self._active()
         # One read of the runs in flight serves the whole pass unless a step below moved one.
-        if self._cancel(active) | self._reconcile(active, now):
+        if self._cancel(active) | self._pause(active, now) | self._reconcile(active, now):
             active = self._active()
         if now >= self._next_expiry:
             self._expire_queued(now)
@@ -174,13 +177,14 @@ class Scheduler:
     def _active(self) -> list[_Active]:
         r = Job.resources  # its numbers read by the database: no JSON parsing here per run per tick
         with session_scope(self.sessions) as s:
-            rows = s.execute(select(Job.id, Job.tenant_id, Job.status, Job.attempts, Job.started_at,
+            rows = s.execute(select(Job.id, Job.tenant_id, Job.status, Job.attempts, Job.started_at, Job.updated_at,
                                     Tenant.max_job_wall_clock_s, r["num_workers"].as_float(),
                                     r["gpus_per_worker"].as_float(), r["cpus_per_worker"].as_float())
                              .join(Tenant, Tenant.id == Job.tenant_id).where(Job.status.in_(states.ACTIVE)))
-            return [_Active(job_id, tenant_id, status, attempts, started_at,
+            return [_Active(job_id, tenant_id, status, attempts, started_at, updated_at,
                             tenant_limit or self.settings.max_job_wall_clock_s, _need(workers, gpus, cpus))
-                    for job_id, tenant_id, status, attempts, started_at, tenant_limit, workers, gpus, cpus in rows]
+                    for job_id, tenant_id, status, attempts, started_at, updated_at, tenant_limit, workers, gpus, cpus
+                    in rows]
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -213,6 +217,40 @@ class Scheduler:
                 continue
             if state.terminal:
                 self._move(job_id, states.CANCELLING, states.CANCELLED, message="Job cancelled")
+                changed = True
+        return changed
+
+    # --- 1b. pauses
+    def _pause(self, active: list[_Active], now: float) -> bool:
+        """Pausing jobs whose run has ended become paused; True if a job changed status. The
+        worker stops by itself once it has written its checkpoint (its status poll sees
+        `pausing`); a run still going PAUSE_GRACE_S after the request is stopped, and resumes
+        from its last checkpoint instead."""
+        changed = False
+        for job in active:
+            if job.status != states.PAUSING:
+                continue
+            sub = submission_id(job.id, job.attempts)
+            try:
+                state = self.launcher.state(sub)
+                if not state.terminal and now - job.updated_at > PAUSE_GRACE_S:
+                    log.warning("pausing %s: no checkpoint within %d s; stopping the run", sub, PAUSE_GRACE_S)
+                    self.launcher.stop(sub)
+                    state = self.launcher.state(sub)
+            except RayUnavailable:
+                raise
+            except LauncherError as exc:  # this job's trouble: the others go on
+                log.warning("pausing %s: %s", sub, exc)
+                continue
+            if state.terminal or state is RunState.UNKNOWN:
+                with session_scope(self.sessions) as s:
+                    row = s.get(Job, job.id)
+                    if row is not None and row.status == states.PAUSING:
+                        step = row.last_checkpoint_step or 0
+                        try:
+                            states.transition(s, row, states.PAUSED, message=f"Job paused at step {step}")
+                        except InvalidTransition:
+                            pass
                 changed = True
         return changed
 
@@ -509,13 +547,14 @@ class Scheduler:
 
 
 class _Active(NamedTuple):
-    """A job in flight (running or cancelling), as one tick sees it."""
+    """A job in flight (running, cancelling or pausing), as one tick sees it."""
 
     id: str
     tenant_id: str
     status: str
     attempts: int
     started_at: int | None
+    updated_at: int  # for a pausing job: when the pause was asked
     wall_clock_s: int | None  # its tenant's limit, else the service's
     need: Capacity
 

@@ -6,6 +6,8 @@ by `auto`.
   each child job to it.
 - jobs.auto_hyperparameters: the names of the hyperparameters the service chose because the
   request said `auto` (the values themselves are in jobs.hyperparameters).
+- jobs.result_metrics: the metrics a succeeded run reported (eval loss, trainable parameters,
+  peak memory, tokens/s, time): a sweep's comparison table reads them.
 
 Revision ID: 0003
 Revises: 0002
@@ -53,6 +55,7 @@ def upgrade() -> None:
         batch.create_check_constraint(op.f('ck_jobs_status'), _status_check(_NEW_STATUSES))
         batch.add_column(sa.Column('sweep_id', sa.String(length=40), nullable=True))
         batch.add_column(sa.Column('auto_hyperparameters', sa.JSON(), nullable=True))
+        batch.add_column(sa.Column('result_metrics', sa.JSON(), nullable=True))
         batch.create_foreign_key(op.f('fk_jobs_sweep_id_sweeps'), 'sweeps', ['sweep_id'], ['id'],
                                  ondelete='CASCADE')
         batch.create_index('ix_jobs_sweep_id_id', ['sweep_id', 'id'], unique=False)
@@ -65,6 +68,7 @@ def downgrade() -> None:
     with op.batch_alter_table('jobs') as batch:
         batch.drop_index('ix_jobs_sweep_id_id')
         batch.drop_constraint(op.f('fk_jobs_sweep_id_sweeps'), type_='foreignkey')
+        batch.drop_column('result_metrics')
         batch.drop_column('auto_hyperparameters')
         batch.drop_column('sweep_id')
         batch.drop_constraint(op.f('ck_jobs_status'), type_='check')

@@ -58,6 +58,8 @@ class FineTuningJob(LFModel):
     error: JobError | None = None
     trained_tokens: int | None = None
     estimated_finish: int | None = None
+    # Which hyperparameters the service chose because they were left `auto` (values above).
+    auto_hyperparameters: list[str] = Field(default_factory=list)
     result_files: list[str] = Field(default_factory=list)
     organization_id: str | None = None
     integrations: list[Any] = Field(default_factory=list)

@@ -152,6 +152,7 @@ class Job(Base):
     # Names of the hyperparameters the request left `auto` (their chosen values are above).
     auto_hyperparameters: Mapped[list[str] | None] = mapped_column(JSON)
     sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    result_metrics: Mapped[dict[str, Any] | None]  # what the succeeded run reported (TrainResult.metrics)
     resources: Mapped[dict[str, Any]]  # a workers.spec.Resources dump
     suffix: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int]

@@ -22,13 +22,15 @@ EVENT_ID_PREFIX = "ftevent-"
 def create_job(session: Session, *, tenant_id: str, model: str, training_file: str,
                validation_file: str | None, method: str, hyperparameters: dict[str, Any],
                resources: dict[str, Any], suffix: str | None, seed: int,
-               metadata: dict[str, Any] | None) -> Job:
+               metadata: dict[str, Any] | None, auto_hyperparameters: list[str] | None = None,
+               sweep_id: str | None = None) -> Job:
     """A new job in ``validating_files``, with its first status event."""
     ts = now()
     job = Job(id=new_id(JOB_ID_PREFIX), tenant_id=tenant_id, model=model,
               training_file=training_file, validation_file=validation_file,
               status=VALIDATING_FILES, method=method, hyperparameters=hyperparameters,
               resources=resources, suffix=suffix, seed=seed, user_metadata=metadata,
+              auto_hyperparameters=auto_hyperparameters, sweep_id=sweep_id,
               attempts=0, created_at=ts, updated_at=ts)
     session.add(job)
     session.flush()

@@ -122,6 +122,7 @@ def commit_result(session: Session, store: ObjectStore, job: Job, result: TrainR
     tokens = result.metrics.get("trained_tokens")
     states.transition(session, job, states.SUCCEEDED, fine_tuned_model=adapter.id,
                       trained_tokens=int(tokens) if tokens is not None else job.trained_tokens,
+                      result_metrics=dict(result.metrics),
                       message=f"Fine-tuning succeeded: {adapter.id}")
     return adapter
 

@@ -9,8 +9,10 @@ from sqlalchemy import update
 from service.db.models import File, Job
 from service.jobs import states
 
-CHAPTER_DEFAULTS = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "learning_rate": 2e-4,
-                    "n_epochs": 3, "batch_size": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+# n_epochs, batch_size and the learning rate are `auto` by default: chosen from the training file
+# (tests/service/test_auto_hyperparameters.py).
+CHAPTER_DEFAULTS = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def test_create_with_defaults_goes_through_validation_to_queued(client, tenant):
@@ -23,7 +25,9 @@ def test_create_with_defaults_goes_through_validation_to_queued(client, tenant):
     assert job["method"]["type"] == "lora" and job["metadata"] == {"team": "a"}
     hp = job["method"]["lora"]["hyperparameters"]
     assert {k: hp[k] for k in CHAPTER_DEFAULTS} == CHAPTER_DEFAULTS
-    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    # 3 examples: the most epochs `auto` gives, one example a micro-batch, half the rate
+    assert job["hyperparameters"] == {"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": 0.5}
+    assert job["auto_hyperparameters"] == ["batch_size", "learning_rate_multiplier", "n_epochs"]
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?order=asc", headers=tenant.headers).json()
     assert [e["data"]["to"] for e in events["data"] if e["type"] == "status"] == ["validating_files", "queued"]
 
@@ -142,8 +146,8 @@ def test_events_page_both_orders(client, tenant):
     url = f"/v1/fine_tuning/jobs/{job}/events"
     asc = client.get(url + "?order=asc&limit=2", headers=tenant.headers).json()
     rest = client.get(url + f"?order=asc&after={asc['last_id']}", headers=tenant.headers).json()
-    seen = [e["data"]["to"] for e in asc["data"] + rest["data"]]
+    seen = [e["data"]["to"] for e in asc["data"] + rest["data"] if e["type"] == "status"]
     assert seen == ["validating_files", "queued", "cancelled"] and asc["has_more"]
     desc = client.get(url, headers=tenant.headers).json()
-    assert [e["data"]["to"] for e in desc["data"]] == seen[::-1]
+    assert [e["data"]["to"] for e in desc["data"] if e["type"] == "status"] == seen[::-1]
     assert_problem(client.get(url + "?after=garbage", headers=tenant.headers), 422, "validation_error", "after")

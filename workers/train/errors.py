@@ -15,3 +15,8 @@ class TrainingError(Exception):
 
 class TrainingCancelled(Exception):
     """The control plane asked the job to stop (status ``cancelling``)."""
+
+
+class TrainingPaused(TrainingCancelled):
+    """The control plane asked the job to pause (status ``pausing``); its checkpoint is written.
+    A kind of cancellation to the Ray wrapper: the run ends and reports no outcome of its own."""

@@ -37,7 +37,7 @@ from workers.spec import (
 )
 from workers.storage import ObjectStore, StorageError
 from workers.train import artifacts
-from workers.train.errors import TrainingCancelled, TrainingError
+from workers.train.errors import TrainingCancelled, TrainingError, TrainingPaused
 from workers.train.methods import train_method
 from workers.train.report import Reporter
 
@@ -135,6 +135,16 @@ def _resolve_and_load(spec: TrainJobSpec, store: ObjectStore, device: torch.devi
         raise TrainingError("base_model_load_failed",
                             f"cannot load base model {spec.base_model.id}: {type(exc).__name__}: {exc}") from exc
     return path, tokenizer, model
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The chapter's "peak memory": the accelerator's peak allocation; on a CPU the process's
+    peak resident set (model, data and everything else the process holds)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class _Run:
@@ -268,6 +278,8 @@ class _Run:
                 if self.hp.checkpoint_steps and self.step % self.hp.checkpoint_steps == 0:
                     self.checkpoint()
                 if self.world.is_main and self.reporter.should_stop():
+                    if self.reporter.pause_requested():
+                        self.pause()
                     raise TrainingCancelled(f"cancelled at step {self.step}")
             # Every epoch end, the last one included: a run restarted after a crash, or after its
             # result could not be delivered, never repeats more than an epoch of work.
@@ -296,7 +308,7 @@ class _Run:
                                 f"{self.step + 1}: lower the learning rate", param="learning_rate")
         self.optimizer.step()
         self.scheduler.step()
-        self.method.after_step(self.model, self.step + 1)
+        self.method.after_step(self.model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         return total.item(), grad_norm.item()
 
@@ -336,9 +348,18 @@ class _Run:
         # The control plane records the checkpoint and its event; no second event from here.
         self.reporter.checkpoint(CheckpointReport(step=self.step, key_prefix=key, metrics=metrics))
 
+    def pause(self) -> None:
+        """Checkpoint where the run stands and stop: resuming continues from exactly this step."""
+        if self.checkpointed_step != self.step:
+            self.checkpoint()
+        self.emit(f"paused at step {self.step}", "status", {"step": self.step})
+        raise TrainingPaused(f"paused at step {self.step}")
+
     def publish(self, runtime_s: float) -> TrainResult:
         metrics = {**self.metrics, "steps": float(self.step), "trained_tokens": float(self.trained_tokens),
-                   "train_runtime_s": runtime_s}
+                   "train_runtime_s": runtime_s, "tokens_per_s": self.trained_tokens / max(runtime_s, 1e-9),
+                   "trainable_params": float(sum(p.numel() for p in self.params)),
+                   "peak_memory_mb": peak_memory_mb(self.device)}
         key = artifacts.publish_adapter(self.store, self.spec.output_prefix, self.model, {
             "adapter_id": self.spec.adapter_id or artifacts.adapter_id_from_prefix(self.spec.output_prefix),
             "job_id": self.spec.job_id, "tenant_id": self.spec.tenant_id,

@@ -30,6 +30,7 @@ class Reporter(Protocol):
     def event(self, event: JobEvent) -> None: ...
     def checkpoint(self, report: CheckpointReport) -> None: ...
     def should_stop(self) -> bool: ...
+    def pause_requested(self) -> bool: ...  # asked once should_stop() said True
 
 
 class MemoryReporter:
@@ -39,6 +40,7 @@ class MemoryReporter:
         self.results: list[TrainResult] = []
         self.failures: list[dict] = []
         self.stop = False
+        self.pause = False  # a pause is a stop that checkpoints first
 
     def event(self, event: JobEvent) -> None:
         self.events.append(event)
@@ -54,7 +56,10 @@ class MemoryReporter:
         self.failures.append({"code": code, "message": message, "param": param})
 
     def should_stop(self) -> bool:
-        return self.stop
+        return self.stop or self.pause
+
+    def pause_requested(self) -> bool:
+        return self.pause
 
     def metrics(self, key: str = "train_loss") -> list[dict]:
         return [e.data for e in self.events if e.type == "metrics" and e.data and key in e.data]
@@ -81,6 +86,7 @@ class HttpReporter:
                                     headers={"Authorization": f"Bearer {job_token}"}, timeout=timeout)
         self._attempts, self._backoff, self._patience = attempts, backoff, outcome_patience_s
         self._status_interval, self._last_status, self._stopping = status_interval, 0.0, False
+        self._pausing = False
         # ("event" | "checkpoint", body) not yet delivered, in the order the run made them
         self._queue: list[tuple[str, dict]] = []
         self._lock = threading.Lock()  # guards the queue; never held while sending
@@ -207,12 +213,17 @@ class HttpReporter:
             try:
                 resp = self._client.get("/status")
                 self._stopping = _run_is_over(resp)
+                self._pausing = self._stopping and resp.is_success and resp.json().get("status") == "pausing"
             except Exception as exc:  # noqa: BLE001 - a status poll failing must not stop training
                 log.warning("status poll failed: %s", exc)
             if self._stopping:
                 log.warning("stopping: this run is over (status poll: HTTP %s %s)", resp.status_code,
                             resp.text[:200])
         return self._stopping
+
+    def pause_requested(self) -> bool:
+        """The job is ``pausing``: the run checkpoints before it stops."""
+        return self._pausing
 
     def close(self) -> None:
         self._closed.set()

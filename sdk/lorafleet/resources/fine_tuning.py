@@ -59,6 +59,16 @@ class Jobs(Resource):
         return self._client._run(self._core.request("POST", f"{_PATH}/{job_id}/cancel",
                                                     cast=FineTuningJob.model_validate))
 
+    def pause(self, job_id: str):
+        """Ask a running job to checkpoint and stop (``pausing``, then ``paused``); 409 otherwise."""
+        return self._client._run(self._core.request("POST", f"{_PATH}/{job_id}/pause",
+                                                    cast=FineTuningJob.model_validate))
+
+    def resume(self, job_id: str):
+        """Requeue a paused job; it continues from the step it was paused at."""
+        return self._client._run(self._core.request("POST", f"{_PATH}/{job_id}/resume",
+                                                    cast=FineTuningJob.model_validate))
+
     def list_events(self, job_id: str, *, limit: int | None = None, after: str | None = None,
                     order: str | None = None):
         return self._client._paginate(f"{_PATH}/{job_id}/events", FineTuningJobEvent.model_validate,

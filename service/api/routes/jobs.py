@@ -1,4 +1,4 @@
-"""Fine-tuning jobs: create, list, retrieve, cancel, events, checkpoints (tenant-scoped)."""
+"""Fine-tuning jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints (tenant-scoped)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from service.api.deps import CurrentTenant, ReadDB, SessionDep, SettingsDep
 from service.api.schemas.common import After, EventCursor, Limit, ListPage, json_response, to_page
 from service.api.schemas.jobs import CheckpointPublic, EventPublic, JobCreate, JobPublic
 from service.jobs import repository as jobs
+from service.jobs.pause import pause_job, resume_job
 from service.jobs.states import JOB_STATUSES
 from service.jobs.submit import cancel_job, submit_job
 from workers.spec import Resources
@@ -28,7 +29,7 @@ def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep, sett
                      method=method, hyperparameters=hyperparameters,
                      resources=body.resources or Resources(), suffix=body.suffix,
                      metadata=body.metadata, method_type=body.method.type if body.method else "lora",
-                     settings=settings)
+                     settings=settings, auto=body.auto_fields())
     session.commit()
     return JobPublic.of(job)
 
@@ -49,6 +50,22 @@ async def get_job(job_id: str, tenant: CurrentTenant, db: ReadDB) -> Response:
 def cancel(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     job = jobs.get_job_for_tenant(session, tenant_id=tenant.tenant_id, job_id=job_id, for_update=True)
     cancel_job(session, job)
+    session.commit()
+    return JobPublic.of(job)
+
+
+@router.post("/{job_id}/pause")
+def pause(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    job = jobs.get_job_for_tenant(session, tenant_id=tenant.tenant_id, job_id=job_id, for_update=True)
+    pause_job(session, job)
+    session.commit()
+    return JobPublic.of(job)
+
+
+@router.post("/{job_id}/resume")
+def resume(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    job = jobs.get_job_for_tenant(session, tenant_id=tenant.tenant_id, job_id=job_id, for_update=True)
+    resume_job(session, job)
     session.commit()
     return JobPublic.of(job)
 

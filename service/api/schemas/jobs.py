@@ -94,6 +94,17 @@ class JobCreate(Strict):
     resources: Resources | None = None
     integrations: Annotated[list[Any], Field(max_length=0)] | None = None  # accepted only empty
 
+    def auto_fields(self) -> frozenset[str]:
+        """The OpenAI hyperparameters left `auto` (the default) at the top level and unset in the
+        method's own hyperparameters: service.jobs.auto chooses them from the training file."""
+        top = self.hyperparameters or OpenAIHyperparameters()
+        method = self.method or MethodIn()
+        params = getattr(method, method.type)
+        given = params.hyperparameters.model_fields_set if params and params.hyperparameters else set()
+        own = {"n_epochs": "n_epochs", "batch_size": "batch_size", "learning_rate_multiplier": "learning_rate"}
+        return frozenset(name for name, field in own.items()
+                         if getattr(top, name) == "auto" and field not in given)
+
     def resolved(self) -> tuple[str, AnyHyperparameters]:
         """(method, hyperparameters): the method's own values over the OpenAI ones over defaults."""
         method = self.method or MethodIn()
@@ -156,6 +167,8 @@ class JobPublic(BaseModel):
     error: JobError | None
     trained_tokens: int | None
     estimated_finish: int | None
+    # Which of `hyperparameters` the service chose because the request left them `auto`.
+    auto_hyperparameters: list[str] = []
     result_files: list[str] = []
     organization_id: str
     integrations: list[Any] = []
@@ -179,13 +192,15 @@ class JobPublic(BaseModel):
             "error": {"code": m["error_code"], "message": m["error_message"], "param": m["error_param"]}
             if m["error_code"] else None,
             "trained_tokens": m["trained_tokens"], "estimated_finish": m["estimated_finish"],
+            "auto_hyperparameters": m["auto_hyperparameters"] or [],
             "organization_id": m["tenant_id"]})
 
 
 # What JobPublic.of reads from an ORM Job (a row mapping has these keys already).
 _JOB_KEYS = ("id", "model", "status", "created_at", "finished_at", "fine_tuned_model", "training_file",
              "validation_file", "hyperparameters", "method", "resources", "seed", "suffix", "user_metadata",
-             "error_code", "error_message", "error_param", "trained_tokens", "estimated_finish", "tenant_id")
+             "error_code", "error_message", "error_param", "trained_tokens", "estimated_finish", "tenant_id",
+             "auto_hyperparameters")
 
 
 class EventPublic(BaseModel):
