@@ -58,7 +58,9 @@ class TrainMethod:
         return None
 
     def after_step(self, model, step: int) -> None:
-        """After ``optimizer.step()``, before the gradients are cleared; ``step`` is 1-based."""
+        """After ``optimizer.step()``, before the gradients are cleared; ``step``: the 0-based index
+        of the step just taken (AdaLoRA's schedule counts as PEFT's examples do: its last step is
+        total_steps - 1, so with tfinal=0 the ranks are still being budgeted at the end)."""
 
     def state(self, model) -> dict:
         if not self.keeps_tensors:
