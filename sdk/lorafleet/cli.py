@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import Client
 from .errors import APIConnectionError, APIStatusError, JobWaitError, LoraFleetError
-from .types import FineTuningJobEvent
+from .types import METHODS, FineTuningJobEvent
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="LoRA Fleet: multi-tenant LoRA / QLoRA fine-tuning and serving.")
@@ -269,7 +269,7 @@ def jobs_create(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Base model id, e.g. lorafleet/tiny-llama.")],
     file: Annotated[str, typer.Option("--file", help="Training file id (file-…).")],
-    method: Annotated[str, typer.Option(help="lora or qlora.")] = "lora",
+    method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "lora",
     validation_file: Annotated[Optional[str], typer.Option(help="Validation file id.")] = None,
     suffix: Annotated[Optional[str], typer.Option(help="Goes into the adapter id.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -277,9 +277,9 @@ def jobs_create(
     wait: Annotated[bool, typer.Option("--wait", help="Follow progress until the job ends.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a LoRA / QLoRA fine-tune."""
-    if method not in ("lora", "qlora"):
-        raise typer.BadParameter("must be 'lora' or 'qlora'", param_hint="--method")
+    """Submit a fine-tune (--hp sets the method's own hyperparameters too, e.g. num_virtual_tokens=8)."""
+    if method not in METHODS:
+        raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
     client = _client(ctx)
     job = client.fine_tuning.jobs.create(model=model, training_file=file, method=method,
                                          hyperparameters=_parse_hp(hp), validation_file=validation_file,

@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The training methods the service offers (method.type; "supervised" is OpenAI's name for lora).
+METHODS = ("lora", "qlora", "ia3", "adalora", "prefix_tuning", "prompt_tuning", "p_tuning")
+
 
 class LFModel(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
@@ -94,6 +97,8 @@ class Model(LFModel):
     object: str = "model"
     created: int = 0
     owned_by: str = ""
+    # An adapter's method: {"type": ...}, and from models.retrieve also {<type>: {"hyperparameters"}}.
+    method: dict[str, Any] | None = None
 
 
 class AdapterFile(LFModel):

@@ -39,7 +39,8 @@ class Jobs(Resource):
                suffix: str | None = None, seed: int | None = None,
                metadata: dict[str, str] | None = None, resources: dict[str, Any] | None = None,
                idempotency_key: str | None = None):
-        """Submit a LoRA / QLoRA fine-tune. ``hyperparameters`` are the method's (r, n_epochs, ...)."""
+        """Submit a fine-tune; ``method``: one of ``lorafleet.types.METHODS`` (or a whole method
+        dict). ``hyperparameters`` are the method's (r, num_virtual_tokens, n_epochs, ...)."""
         body = drop_none(model=model, training_file=training_file, validation_file=validation_file,
                          suffix=suffix, seed=seed, metadata=metadata, resources=resources)
         body["method"] = method_body(method, hyperparameters)
