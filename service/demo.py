@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from service import demo_ops
 from workers.local_ray import free_port
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "workers" / "data" / "demo"
@@ -115,10 +116,16 @@ def main() -> int:
                                                  method="lora", hyperparameters=HYPERPARAMETERS, suffix="pirate")
             job_b = bravo.fine_tuning.jobs.create(model="lorafleet/tiny-llama", training_file=f_bravo.id,
                                                   method="qlora", hyperparameters=HYPERPARAMETERS, suffix="bravo")
+            # acme's second adapter, to blend with its first: answers wrapped in <answer> tags
+            f_format = acme.files.create(DEMO_DATA / "answer_format.jsonl")
+            job_f = acme.fine_tuning.jobs.create(model="lorafleet/tiny-llama", training_file=f_format.id,
+                                                 method="lora", hyperparameters=HYPERPARAMETERS, suffix="format")
             print(f"   {job_a.id} (lora) and {job_b.id} (qlora) queued; both run at once on the local Ray")
             done_a = acme.fine_tuning.jobs.wait(job_a.id, progress=True, timeout=900)
             done_b = bravo.fine_tuning.jobs.wait(job_b.id, progress=True, timeout=900)
-            print(f"   acme  → {done_a.fine_tuned_model}\n   bravo → {done_b.fine_tuned_model}")
+            done_f = acme.fine_tuning.jobs.wait(job_f.id, progress=True, timeout=900)
+            print(f"   acme  → {done_a.fine_tuned_model}, {done_f.fine_tuned_model}\n   bravo → {done_b.fine_tuned_model}")
+            blend_id, export_id = demo_ops.start(acme, done_a.fine_tuned_model, done_f.fine_tuned_model)
 
         with stages.stage("Ask the same questions of the base model and of each adapter (one serving replica)"):
             rows = []
@@ -134,6 +141,12 @@ def main() -> int:
                     failures.append(f"bravo's adapter did not tag its answer: {q!r} → {b!r}")
                 if "BRAVO-7" in base or "Arr matey" in base:
                     failures.append(f"the base model answered like an adapter: {base!r}")
+
+        with stages.stage("acme blends its two adapters: live per request, and offline (cat)"):
+            demo_ops.blend_stage(acme, blend_id, done_a.fine_tuned_model, done_f.fine_tuned_model, QUESTIONS, failures)
+
+        with stages.stage("acme exports its pirate adapter merged into the base model"):
+            demo_ops.export_stage(acme, export_id, done_a.fine_tuned_model, QUESTIONS[0], failures)
 
         with stages.stage("Tenant isolation: bravo asks for acme's adapter"):
             try:

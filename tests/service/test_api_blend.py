@@ -69,9 +69,19 @@ def test_refused_blends_change_nothing(client, app, tenant, other_tenant):
     assert _count(app) == before
 
 
+class ChatEcho(EchoBackend):
+    """A whole chat.completion (what the SDK parses) that also shows the body serving was handed."""
+
+    async def run(self, kind: str, body: dict):
+        yield {"response": {"id": "chatcmpl-echo", "object": "chat.completion", "created": 0, "model": body["model"],
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                         "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, "seen": body}}
+
+
 @pytest.fixture(scope="module")
 def proxy(api_settings):
-    url, server, thread = _serve_in_thread(create_serving_app(EchoBackend(), Verifier([SERVE_SIGNING_KEY])),
+    url, server, thread = _serve_in_thread(create_serving_app(ChatEcho(), Verifier([SERVE_SIGNING_KEY])),
                                            lifespan="off")
     with TestClient(create_app(api_settings.model_copy(update={"serve_url": url}))) as c:
         yield c
@@ -112,3 +122,16 @@ def test_live_blend_refusals(proxy, tenant, other_tenant):
     assert_problem(_chat(proxy, tenant, a, [{"model": a, "extra": 1}]), 422, "validation_error")
     assert_problem(_chat(proxy, tenant, a, []), 422, "validation_error", "adapters")
     assert_problem(_chat(proxy, tenant, "lorafleet/tiny-llama", [{"model": a}]), 422, "validation_error", "model")
+
+
+def test_sdk_sends_a_live_blend_as_the_openai_client_does(proxy, tenant):
+    import lorafleet
+
+    app = proxy.app
+    a, b = trained_adapter(proxy, app, tenant), trained_adapter(proxy, app, tenant)
+    sdk = lorafleet.Client(base_url=str(proxy.base_url), api_key=tenant.key, http_client=proxy, max_retries=0)
+    weights = [{"model": a, "weight": 0.7}, {"model": b, "weight": 0.3}]
+    for kw in ({"extra_body": {"adapters": weights}}, {"adapters": weights}):
+        out = sdk.chat.completions.create(model=a, messages=[{"role": "user", "content": "hi"}], **kw)
+        seen = out.model_extra["seen"]
+        assert "extra_body" not in seen and [p["id"] for p in seen["lorafleet"]["blend"]] == [a, b]

@@ -6,6 +6,12 @@ from ..types import ChatCompletion, ChatCompletionChunk, Completion
 from ._base import Resource, drop_none
 
 
+def _flat(extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra_body`` merged into the other fields, as openai-python sends it: never a field of
+    that name the server would ignore."""
+    return {**{k: v for k, v in extra.items() if k != "extra_body"}, **(extra.get("extra_body") or {})}
+
+
 class _Generation(Resource):
     """One POST that answers either a whole object or, with ``stream=True``, a stream of chunks."""
 
@@ -21,9 +27,11 @@ class ChatCompletions(_Generation):
                max_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, stop: str | list[str] | None = None,
                seed: int | None = None, **extra: Any):
-        """A ChatCompletion, or with ``stream=True`` a stream of ChatCompletionChunk."""
+        """A ChatCompletion, or with ``stream=True`` a stream of ChatCompletionChunk. Other fields
+        (``adapters=[…]`` for a live blend) go in the body as given, or in ``extra_body`` as the
+        openai client takes them."""
         body = drop_none(model=model, messages=messages, max_tokens=max_tokens,
-                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, **extra)
+                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, **_flat(extra))
         return self._generate("/v1/chat/completions", body, stream, ChatCompletion.model_validate,
                               ChatCompletionChunk.model_validate)
 
@@ -39,8 +47,9 @@ class Completions(_Generation):
                max_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, stop: str | list[str] | None = None,
                seed: int | None = None, **extra: Any):
-        """A Completion, or with ``stream=True`` a stream of Completion chunks."""
+        """A Completion, or with ``stream=True`` a stream of Completion chunks (other fields as for
+        chat)."""
         body = drop_none(model=model, prompt=prompt, max_tokens=max_tokens,
-                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, **extra)
+                         temperature=temperature, top_p=top_p, stop=stop, seed=seed, **_flat(extra))
         return self._generate("/v1/completions", body, stream, Completion.model_validate,
                               Completion.model_validate)
