@@ -160,7 +160,10 @@ class ServingFront:
             adapter = await self._adapter(req)
             prompt_ids = self._encode(kind, req)
             # Unasked, a completion may use what the context leaves, up to the default.
-            params = req.sampling(min(self.default_max_tokens, self.runner.engine.max_len - len(prompt_ids)))
+            # Prompt and prefix tuning put their virtual tokens in the context too.
+            parts = getattr(adapter, "parts", None)
+            room = self.runner.engine.max_len - len(prompt_ids) - (parts.virtual_tokens if parts else 0)
+            params = req.sampling(min(self.default_max_tokens, room))
             if req.stream:
                 # aclosing: a client that leaves closes this generator, and with it the engine
                 # request (runner.stream aborts it), now rather than at garbage collection.

@@ -243,3 +243,71 @@ def publish_method_adapter(store, directory: Path, prefix: str, *, adapter_id: s
                                quantization="none", dataset_sha256="0" * 64, files=files,
                                hyperparameters=hyperparameters_for(method, {}))
     put_bytes(store, f"{prefix}/manifest.json", manifest.model_dump_json().encode())
+
+
+def test_the_replica_answers_chats_through_published_adapters_of_every_method(tiny, methods, local_store):
+    """The serving path a deployment runs (ServeConfig → base → engine → adapter cache → front):
+    a chat completion per method's published adapter answers what plain PEFT answers."""
+    from workers.serve.replica import ServeConfig, build_front
+
+    config = ServeConfig.load(base_model_id=BASE_ID, base_model_uri=str(tiny.base_dir),
+                              object_store_url=local_store.url, max_batch=4, max_len=48, max_rank=16,
+                              adapter_slots=4, default_max_tokens=16)
+    front = build_front(config, local_store)
+    eos = set(front.runner.engine.eos)
+
+    def ask(kind: str, body: dict) -> dict:
+        async def run():
+            return [item async for item in front.run(kind, body)]
+
+        (item,) = asyncio.run(asyncio.wait_for(run(), 120))
+        assert "response" in item, item
+        return item["response"]
+
+    try:
+        messages = [{"role": "user", "content": "Hello, how are you today?"}]
+        prompt = front.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+        for name, (cls, _) in METHOD_SPECS.items():
+            prefix = f"tenants/tn_a/adapters/{name}/v1"
+            publish_method_adapter(local_store, methods.dirs[name], prefix, adapter_id=name,
+                                   method="lora" if cls == "LoraConfig" else name)
+            route = {"lorafleet": {"adapter": {"id": name, "prefix": prefix, "base_model_id": BASE_ID},
+                                   "base_model": {"id": BASE_ID, "uri": "x"}}}
+            answer = ask("chat", {"model": name, "messages": messages, "max_tokens": GREEDY.max_tokens,
+                                  "temperature": 0, **route})
+            expected = methods.reference(prompt, name)
+            if eos & set(expected):  # the engine stops at the first end token
+                expected = expected[: min(expected.index(t) for t in eos & set(expected)) + 1]
+            text = front.tokenizer.decode(expected, skip_special_tokens=True)
+            assert answer["choices"][0]["message"]["content"] == text, name
+            assert answer["usage"]["completion_tokens"] == len(expected), name
+        # Unasked, max_tokens is what the context leaves after the prompt AND the virtual tokens
+        # (4 prefix positions): what the prompt alone leaves would not fit.
+        route["lorafleet"]["adapter"] = {"id": "prefix_tuning", "prefix": "tenants/tn_a/adapters/prefix_tuning/v1",
+                                         "base_model_id": BASE_ID}
+        words = front.tokenizer.decode([7] * (config.max_len - 6))
+        long = ask("completion", {"model": "prefix_tuning", "prompt": words, "temperature": 0, **route})
+        used = long["usage"]["prompt_tokens"]
+        assert used + 4 + min(config.default_max_tokens, config.max_len - used) > config.max_len
+        assert used + long["usage"]["completion_tokens"] + 4 == config.max_len
+    finally:
+        front.close()
+
+
+@pytest.mark.slow
+def test_methods_bench_runs_quick(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    out = tmp_path / "serve_methods.json"
+    proc = subprocess.run([sys.executable, str(root / "bench/serve_methods.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["bench"] == "serve_methods" and result["quick"] is True
+    assert {r["column"] for r in result["rows"]} == {"d_ours", "d0_ours_no_adapter", "p_peft_per_request"}
+    assert all(r["tokens_per_s"] > 0 and r["adapters"] == 16 for r in result["rows"])
+    assert result["figures"]["methods"] == len(METHOD_SPECS)
+    assert result["figures"]["vs_own_base"] > 0 and result["figures"]["vs_peft_per_request"] > 0
