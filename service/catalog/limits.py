@@ -85,10 +85,10 @@ def check_hyperparameters(base: BaseModelRow, hp: TrainingHyperparameters, *, pa
 
 
 def _check_lora(base: BaseModelRow, facts: ModelFacts, hp: Hyperparameters, method: str, refuse) -> None:
-    published_r = 2 * hp.r if hp.init_lora_weights in REWRITES_BASE else hp.r
-    if published_r > base.max_rank:
-        refuse("r", f"r={hp.r} exceeds the maximum rank {base.max_rank} of {base.id}"
-                    + (f" (init_lora_weights={hp.init_lora_weights!r} publishes rank 2r)" if published_r != hp.r else ""))
+    doubled = hp.init_lora_weights in REWRITES_BASE
+    if (2 * hp.r if doubled else hp.r) > base.max_rank:
+        why = f" (init_lora_weights={hp.init_lora_weights!r} publishes rank 2r)" if doubled else ""
+        refuse("r", f"r={hp.r} exceeds the maximum rank {base.max_rank} of {base.id}{why}")
     if hp.bias != "none" and not has_llama_layout(facts):
         # Serving applies trained biases of the seven layers it wraps: in a Llama layout those
         # are all the biased layers there are; elsewhere "all" could train one it cannot apply.
