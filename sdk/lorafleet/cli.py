@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import Client
 from .errors import APIConnectionError, APIStatusError, JobWaitError, LoraFleetError
-from .types import METHODS, FineTuningJobEvent
+from .types import METHODS, FineTuningJobEvent, FineTuningSweep
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="LoRA Fleet: multi-tenant LoRA / QLoRA fine-tuning and serving.")
@@ -37,6 +37,8 @@ app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
+sweeps_app = typer.Typer(no_args_is_help=True, help="Sweeps: one job per varied hyperparameter value, compared.")
+app.add_typer(sweeps_app, name="sweeps")
 
 # Pipes get a wide console so ids in tables are never wrapped.
 out = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
@@ -320,6 +322,18 @@ def jobs_cancel(ctx: typer.Context, job_id: str, as_json: JsonOpt = False) -> No
     _show(_client(ctx).fine_tuning.jobs.cancel(job_id), as_json, ["id", "status"])
 
 
+@jobs_app.command("pause")
+def jobs_pause(ctx: typer.Context, job_id: str, as_json: JsonOpt = False) -> None:
+    """Pause a running job: it checkpoints and stops (pausing, then paused)."""
+    _show(_client(ctx).fine_tuning.jobs.pause(job_id), as_json, ["id", "status"])
+
+
+@jobs_app.command("resume")
+def jobs_resume(ctx: typer.Context, job_id: str, as_json: JsonOpt = False) -> None:
+    """Requeue a paused job; it continues from the step it was paused at."""
+    _show(_client(ctx).fine_tuning.jobs.resume(job_id), as_json, ["id", "status"])
+
+
 def _event_line(event: FineTuningJobEvent) -> str:
     data = ""
     if event.data:
@@ -448,6 +462,89 @@ def chat(ctx: typer.Context, prompt: str,
 # --------------------------------------------------------------------------- entry point
 
 
+# --------------------------------------------------------------------------- sweeps
+
+
+def _parse_vary(values: list[str]) -> dict[str, list[Any]]:
+    """``r=2,4,8`` → {"r": [2, 4, 8]} (each value JSON, else a bare string)."""
+    out: dict[str, list[Any]] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not raw:
+            raise typer.BadParameter(f"expected name=v1,v2,..., got {item!r}", param_hint="--vary")
+        out[key] = [_parse_hp([f"v={v}"])["v"] for v in raw.split(",")]
+    return out
+
+
+def _num(value: float | int | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _sweep_table(sweep: FineTuningSweep) -> None:
+    """The chapter's comparison table (6.2.3), one row per child, the best one marked."""
+    names = [p.name for p in sweep.parameters]
+    best = sweep.best.job_id if sweep.best else None
+    table = Table(*[n.upper() for n in names], "STATUS", sweep.metric.upper().replace("_", " "),
+                  "TRAINABLE", "PEAK MB", "TOKENS/S", "TIME S", "JOB", "", box=None, pad_edge=False)
+    for c in sweep.children:
+        table.add_row(*(str(c.values.get(n)) for n in names), c.status,
+                      _num(getattr(c, sweep.metric), ".4f"), _num(c.trainable_params, ","),
+                      _num(c.peak_memory_mb, ".0f"), _num(c.tokens_per_s, ".0f"), _num(c.train_time_s, ".1f"),
+                      c.job_id, "best" if c.job_id == best else "")
+    out.print(f"{sweep.id}  {sweep.status}  (best = lowest {sweep.metric})", markup=False)
+    out.print(table)
+
+
+@sweeps_app.command("create")
+def sweeps_create(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Base model id, e.g. lorafleet/tiny-llama.")],
+    file: Annotated[str, typer.Option("--file", help="Training file id (file-…).")],
+    vary: Annotated[list[str], typer.Option("--vary", help="name=v1,v2,... (once or twice), e.g. r=2,4,8,16,32.")],
+    method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "lora",
+    validation_file: Annotated[Optional[str], typer.Option(help="Validation file id (best = lowest eval loss).")] = None,
+    hp: Annotated[list[str], typer.Option("--hp", help="Base hyperparameter key=value (repeatable).")] = [],  # noqa: B006
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until every child has finished.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start one job per combination of the varied values, then compare them."""
+    if method not in METHODS:
+        raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
+    client = _client(ctx)
+    sweep = client.fine_tuning.sweeps.create(model=model, training_file=file, parameters=_parse_vary(vary),
+                                             method=method, hyperparameters=_parse_hp(hp),
+                                             validation_file=validation_file)
+    if wait:
+        print(f"created {sweep.id} ({len(sweep.children)} jobs); waiting for all of them", file=sys.stderr, flush=True)
+        sweep = client.fine_tuning.sweeps.wait(sweep.id)
+    _print_json(sweep) if as_json else _sweep_table(sweep)
+
+
+@sweeps_app.command("get")
+def sweeps_get(ctx: typer.Context, sweep_id: str, as_json: JsonOpt = False) -> None:
+    """Show a sweep's comparison table and its best child."""
+    sweep = _client(ctx).fine_tuning.sweeps.retrieve(sweep_id)
+    _print_json(sweep) if as_json else _sweep_table(sweep)
+
+
+@sweeps_app.command("list")
+def sweeps_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List sweeps, newest first."""
+    sweeps = list(_client(ctx).fine_tuning.sweeps.list())
+    if as_json:
+        return _print_json(sweeps)
+    _table(sweeps, {"ID": "id", "STATUS": "status", "VARIED": lambda s: ", ".join(p.name for p in s.parameters),
+                    "JOBS": lambda s: len(s.children), "BEST": lambda s: s.best.job_id if s.best else "-",
+                    "CREATED": lambda s: _when(s.created_at)})
+
+
+@sweeps_app.command("cancel")
+def sweeps_cancel(ctx: typer.Context, sweep_id: str, as_json: JsonOpt = False) -> None:
+    """Cancel every child that has not finished."""
+    sweep = _client(ctx).fine_tuning.sweeps.cancel(sweep_id)
+    _print_json(sweep) if as_json else _sweep_table(sweep)
+
+
 def _fail(lines: list[str], code: int = 1) -> None:
     for line in lines:
         print(line, file=sys.stderr)
@@ -474,3 +571,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

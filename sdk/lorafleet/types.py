@@ -72,6 +72,44 @@ class FineTuningJob(LFModel):
         return self.status in TERMINAL_STATUSES
 
 
+class SweepParameter(LFModel):
+    name: str
+    values: list[Any]
+
+
+class SweepChild(LFModel):
+    """One row of a sweep's comparison table; None where the child has no result yet."""
+
+    job_id: str
+    status: str
+    values: dict[str, Any] = Field(default_factory=dict)
+    fine_tuned_model: str | None = None
+    eval_loss: float | None = None
+    train_loss: float | None = None
+    trainable_params: int | None = None
+    peak_memory_mb: float | None = None
+    tokens_per_s: float | None = None
+    train_time_s: float | None = None
+
+
+class FineTuningSweep(LFModel):
+    id: str
+    object: str = "fine_tuning.sweep"
+    created_at: int = 0
+    model: str
+    status: str  # running | succeeded | partially_succeeded | failed
+    parameters: list[SweepParameter] = Field(default_factory=list)
+    base: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, str] | None = None
+    metric: str = "eval_loss"  # what `best` minimises
+    children: list[SweepChild] = Field(default_factory=list)
+    best: SweepChild | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+
 class FineTuningJobEvent(LFModel):
     id: str
     object: str = "fine_tuning.job.event"

@@ -213,3 +213,53 @@ sys.modules['service.demo'], sys.modules['service.embedded'] = demo, emb
     assert "export LORAFLEET_BASE_URL=http://127.0.0.1:8123" in lines
     assert "export LORAFLEET_ADMIN_TOKEN=tok" in lines
     assert any(line.startswith("Console: http://127.0.0.1:8123/console") for line in lines)
+
+
+@pytest.mark.operations
+def test_pause_resume_and_a_sweep_table(stack, tenant_env, tmp_path):
+    from service.db.models import Job
+    from service.jobs import states
+
+    data = tmp_path / "ops.jsonl"
+    data.write_bytes(DATASET)
+    file_id = json.loads(run("files", "upload", str(data), "--json", env=tenant_env).stdout)["id"]
+    job = json.loads(run("jobs", "create", "--model", "lorafleet/tiny-llama", "--file", file_id, "--json",
+                         env=tenant_env).stdout)
+    assert_one_line_error(run("jobs", "pause", job["id"], env=tenant_env), "error: job_not_pausable:")
+    worker = FakeWorker(stack, job["id"])
+    try:
+        worker.start()
+        paused = run("jobs", "pause", job["id"], "--json", env=tenant_env)
+        assert paused.returncode == 0 and json.loads(paused.stdout)["status"] == "pausing", paused.stderr
+        worker.checkpoint(3)  # the run's checkpoint at the pause, then the scheduler's move
+        with worker._factory() as session:
+            states.transition(session, session.get(Job, job["id"]), states.PAUSED)
+            session.commit()
+        resumed = run("jobs", "resume", job["id"], "--json", env=tenant_env)
+        assert resumed.returncode == 0 and json.loads(resumed.stdout)["status"] == "queued", resumed.stderr
+    finally:
+        worker.close()
+    run("jobs", "cancel", job["id"], env=tenant_env)  # frees the queue for the sweep
+
+    created = run("sweeps", "create", "--model", "lorafleet/tiny-llama", "--file", file_id, "--vary", "r=2,4",
+                  "--hp", "n_epochs=1", "--json", env=tenant_env)
+    assert created.returncode == 0, created.stderr
+    sweep = json.loads(created.stdout)
+    assert [c["values"] for c in sweep["children"]] == [{"r": 2}, {"r": 4}]
+    for child, loss in zip(sweep["children"], [0.9, 0.7], strict=True):
+        worker = FakeWorker(stack, child["job_id"])
+        try:
+            worker.start()
+            worker.publish(adapter_files(), metrics={"train_loss": loss, "trainable_params": 1000.0 * child["values"]["r"],
+                                                     "peak_memory_mb": 321.0, "tokens_per_s": 456.0, "train_runtime_s": 7.5})
+        finally:
+            worker.close()
+    table = run("sweeps", "get", sweep["id"], env=tenant_env)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"{sweep['id']}  succeeded")
+    assert lines[1].split()[:8] == ["R", "STATUS", "TRAIN", "LOSS", "TRAINABLE", "PEAK", "MB", "TOKENS/S"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["2"][1:6] == ["succeeded", "0.9000", "2,000", "321", "456"] and rows["2"][-1] != "best"
+    assert rows["4"][2] == "0.7000" and rows["4"][-1] == "best"
+    assert sweep["id"] in run("sweeps", "list", env=tenant_env).stdout

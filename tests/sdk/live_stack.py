@@ -160,8 +160,9 @@ class FakeWorker:
         r.raise_for_status()
         return r.json()
 
-    def publish(self, files: dict[str, bytes]) -> str:
-        """Write the adapter files and manifest to the object store, then report the result."""
+    def publish(self, files: dict[str, bytes], metrics: dict[str, float] | None = None) -> str:
+        """Write the adapter files and manifest to the object store, then report the result
+        (``metrics``: what the run measured, beside its trained tokens)."""
         from workers.spec import AdapterManifest, BaseModelRef, FileDigest, Hyperparameters
 
         folder = self.stack.objects / self.adapter_prefix
@@ -176,7 +177,7 @@ class FakeWorker:
             files={n: FileDigest(sha256=hashlib.sha256(d).hexdigest(), bytes=len(d)) for n, d in files.items()})
         (folder / "manifest.json").write_text(manifest.model_dump_json())
         r = self.http.post("/result", json={"manifest_key": f"{self.adapter_prefix}/manifest.json",
-                                            "metrics": {"trained_tokens": 1234}})
+                                            "metrics": {"trained_tokens": 1234, **(metrics or {})}})
         r.raise_for_status()
         return r.json()["adapter_id"]
 

@@ -25,8 +25,8 @@ def test_create_with_defaults_goes_through_validation_to_queued(client, tenant):
     assert job["method"]["type"] == "lora" and job["metadata"] == {"team": "a"}
     hp = job["method"]["lora"]["hyperparameters"]
     assert {k: hp[k] for k in CHAPTER_DEFAULTS} == CHAPTER_DEFAULTS
-    # 3 examples: the most epochs `auto` gives, one example a micro-batch, half the rate
-    assert job["hyperparameters"] == {"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": 0.5}
+    # 3 examples: the most epochs `auto` gives, one example a micro-batch, 25 steps: 10x the rate
+    assert job["hyperparameters"] == {"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": 10.0}
     assert job["auto_hyperparameters"] == ["batch_size", "learning_rate_multiplier", "n_epochs"]
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?order=asc", headers=tenant.headers).json()
     assert [e["data"]["to"] for e in events["data"] if e["type"] == "status"] == ["validating_files", "queued"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from api_helpers import create_job, upload
 
-from service.jobs.auto import auto_batch_size, auto_epochs, auto_multiplier, resolve_auto
+from service.jobs.auto import auto_batch_size, auto_epochs, auto_multiplier, optimizer_steps, resolve_auto
 from workers.spec import MAX_EFFECTIVE_BATCH, Hyperparameters
 
 DEMO = Path(__file__).resolve().parents[2] / "workers" / "data" / "demo"
@@ -23,30 +23,32 @@ def test_epochs_put_the_examples_seen_in_the_target_range(examples, epochs):
 
 def test_batch_size_keeps_eight_steps_an_epoch_and_fits_the_tokens():
     # 150 short examples, accumulation 4: 150 // 32 = 4 per micro-batch
-    assert auto_batch_size(150, 18_824, max_seq_length=512, accumulation=4) == 4
+    assert auto_batch_size(150, 17_174, max_seq_length=512, accumulation=4) == 4
     assert auto_batch_size(10, 1_000, max_seq_length=512, accumulation=4) == 1  # never 0
     # many long examples: the token budget (4,096 a micro-batch) decides: 4096 / 500 -> 8
     assert auto_batch_size(100_000, 100_000 * 2_000, max_seq_length=512, accumulation=4) == 8
-    # many short ones: capped at 64, and a power of two
-    assert auto_batch_size(1_000_000, 10**8, max_seq_length=512, accumulation=1) == 64
-    assert auto_batch_size(700, 700 * 40, max_seq_length=512, accumulation=1) == 64  # 87 -> 64
+    # many short ones: at most 16, and a power of two
+    assert auto_batch_size(1_000_000, 10**8, max_seq_length=512, accumulation=1) == 16
+    assert auto_batch_size(100, 100 * 40, max_seq_length=512, accumulation=1) == 8  # 100 // 8 = 12 -> 8
     # never over the effective-batch limit
     assert auto_batch_size(10**7, 10**9, max_seq_length=64, accumulation=256) * 256 <= MAX_EFFECTIVE_BATCH
 
 
-def test_multiplier_follows_the_effective_batch_within_bounds():
-    assert auto_multiplier(4, 4) == 1.0
-    assert auto_multiplier(16, 4) == 2.0
-    assert auto_multiplier(1, 1) == 0.5
-    assert auto_multiplier(8, 4) == pytest.approx(2 ** 0.5, abs=1e-4)
+def test_short_runs_get_a_larger_rate_within_bounds():
+    assert optimizer_steps(150, batch_size=4, accumulation=4, epochs=10) == 100  # ceil(ceil(150/4)/4) x 10
+    assert auto_multiplier(100) == 10.0
+    assert auto_multiplier(50) == 10.0  # at most 10x
+    assert auto_multiplier(400) == 2.5
+    assert auto_multiplier(5_000) == 1.0  # a long run keeps the chapter's rate
 
 
 def test_only_the_auto_fields_change():
     hp = Hyperparameters(n_epochs=7, batch_size=2, learning_rate=1e-3)
-    out = resolve_auto(hp, frozenset({"n_epochs"}), examples=150, file_bytes=18_824)
+    out = resolve_auto(hp, frozenset({"n_epochs"}), examples=150, file_bytes=17_174)
     assert (out.n_epochs, out.batch_size, out.learning_rate) == (10, 2, 1e-3)
-    out = resolve_auto(hp, frozenset({"learning_rate_multiplier"}), examples=150, file_bytes=18_824)
-    assert out.learning_rate == pytest.approx(Hyperparameters().learning_rate * auto_multiplier(2, 4))
+    out = resolve_auto(hp, frozenset({"learning_rate_multiplier"}), examples=150, file_bytes=17_174)
+    steps = optimizer_steps(150, batch_size=2, accumulation=4, epochs=7)  # 133
+    assert out.learning_rate == pytest.approx(Hyperparameters().learning_rate * 1_000 / steps, rel=1e-3)
 
 
 def _events(client, tenant, job_id):

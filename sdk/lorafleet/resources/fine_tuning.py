@@ -128,5 +128,8 @@ class Jobs(Resource):
 
 class FineTuning(Resource):
     def __init__(self, client):
+        from .sweeps import Sweeps  # it builds its base job with method_body above
+
         super().__init__(client)
         self.jobs = Jobs(client)
+        self.sweeps = Sweeps(client)
