@@ -9,12 +9,14 @@ grows, so ``usage`` shows what is really filled beside what is promised.
 The engine describes each forward with ``plan``: row r writes ``counts[r]`` tokens at positions
 ``starts[r]...`` (a prefill chunk, or 1 for decode) and attends to its positions ``0..starts[r] +
 counts[r] - 1``. It quacks like a transformers ``Cache`` for the one call the attention layers make
-(``update``): the new keys are scattered into their rows' slots, and each row's keys are gathered
-back as a ``(rows, kv_heads, span, head_dim)`` view for attention under the engine's 4-D mask.
+(``update``): the new keys are scattered into their rows' slots, and each row's blocks are gathered
+back (whole blocks: as fast as a contiguous copy, where a gather by token is several times slower)
+as a ``(rows, kv_heads, span, head_dim)`` view for attention under the engine's 4-D mask.
 
-Two blocks are never handed out: ``NULL`` (all zeros, never written) is what a row reads past its
-own length, so a masked position never meets stale data (masked attention over a NaN left by a
-failed request is still NaN: 0 × NaN); ``TRASH`` (never read) takes the padding of ragged chunks.
+A masked position must never meet stale data (masked attention over a NaN left by a failed request
+is still NaN: 0 × NaN): a block is zeroed when a row takes it, and a row shorter than the batch's
+span reads ``NULL`` (all zeros, never written) past its last block. ``TRASH`` (never read) takes
+the padding of ragged chunks.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ class PagedKVCache:
         self._held: dict[object, list[int]] = {}  # request key → its blocks, in position order
         self._promised: dict[object, int] = {}  # request key → blocks reserved for its whole length
         self._reserved = 0
+        self._taken: list[int] = []  # blocks handed out since the last zeroing
         self._plan: tuple | None = None
+        # Where each layer's blocks are gathered, reused from layer to layer and step to step: a
+        # fresh tensor of that size each time costs more in page faults (CPU) than the copy.
+        self._gathered = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
 
     @property
     def tokens(self) -> int:
@@ -67,7 +73,16 @@ class PagedKVCache:
             raise RuntimeError(f"KV cache: row {key!r} grew past its reservation")
         while len(blocks) < need:
             blocks.append(self._free.pop())
+            self._taken.append(blocks[-1])
         return blocks
+
+    def _zero_taken(self) -> None:
+        if not self._taken:
+            return
+        taken = torch.tensor(self._taken, device=self.device)
+        for pool in self.k + self.v:
+            pool.view(-1, self.block_size * pool.shape[1] * pool.shape[2]).index_fill_(0, taken, 0)
+        self._taken = []
 
     def usage(self) -> dict:
         held = sum(len(b) for b in self._held.values()) * self.block_size
@@ -79,6 +94,7 @@ class PagedKVCache:
         ``start..start+n-1`` of a row (prefix tuning's virtual tokens)."""
         n = layers_kv[0][0].shape[1]
         blocks = self._grow(key, start + n)
+        self._zero_taken()
         pos = torch.arange(start, start + n)
         slots = (torch.tensor(blocks)[pos // self.block_size] * self.block_size + pos % self.block_size
                  ).to(self.device)
@@ -92,6 +108,7 @@ class PagedKVCache:
         b = self.block_size
         ends = [s + c for s, c in zip(starts, counts)]
         tables = [self._grow(k, e) for k, e in zip(keys, ends)]
+        self._zero_taken()
         width = max(len(t) for t in tables)
         # One host→device copy per forward: block tables (padded with NULL), starts, counts.
         packed = torch.tensor([t + [NULL] * (width - len(t)) + [s, c] for t, s, c in zip(tables, starts, counts)],
@@ -101,23 +118,24 @@ class PagedKVCache:
         pos = start + torch.arange(t, device=self.device)  # (rows, t): the positions written
         written = table.gather(1, (pos // b).clamp(max=width - 1)) * b + pos % b
         write = torch.where(pos < start + count, written, TRASH * b).view(-1)
-        if not any(starts):  # every row starts empty: attention needs only the new keys
-            self._plan = (write, None, t)
-            return
-        span = max(ends)
-        pos = torch.arange(span, device=self.device).expand(len(keys), span)
-        read = torch.where(pos < start + count, table.gather(1, (pos // b).clamp(max=width - 1)) * b + pos % b,
-                           NULL * b)
-        self._plan = (write, read.view(-1), span)
+        # Every row starts empty: attention needs only the new keys. Else whole blocks, NULL past a row's last.
+        self._plan = (write, None if not any(starts) else table.reshape(-1), max(ends))
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        write, read, span = self._plan
+        write, blocks, span = self._plan
         rows, heads, t, dim = key.shape
         pool_k, pool_v = self.k[layer_idx], self.v[layer_idx]
         pool_k.index_copy_(0, write, key.transpose(1, 2).reshape(rows * t, heads, dim))
         pool_v.index_copy_(0, write, value.transpose(1, 2).reshape(rows * t, heads, dim))
-        if read is None:
+        if blocks is None:
             return key, value
-        k = pool_k.index_select(0, read).view(rows, span, heads, dim).transpose(1, 2)
-        v = pool_v.index_select(0, read).view(rows, span, heads, dim).transpose(1, 2)
-        return k, v
+        per_block = self.block_size * heads * dim  # 2-D: index_select copies whole rows then
+        if self._gathered[0].numel() < blocks.numel() * per_block:
+            self._gathered = tuple(torch.empty(blocks.numel() * per_block, dtype=pool_k.dtype, device=self.device)
+                                   for _ in range(2))
+        out = []
+        for pool, buf in zip((pool_k, pool_v), self._gathered):
+            got = buf[:blocks.numel() * per_block].view(-1, per_block)
+            torch.index_select(pool.view(-1, per_block), 0, blocks, out=got)
+            out.append(got.view(rows, -1, heads, dim)[:, :span].transpose(1, 2))
+        return out[0], out[1]
