@@ -24,8 +24,10 @@ class ServeConfig:
     object_store_url: str = "file://" + os.path.abspath(".lorafleet/objects")
     quantization: str = "none"  # "nf4": bitsandbytes 4-bit base (QLoRA-style serving)
     device: str = ""  # "" → cuda when present, else cpu
-    max_batch: int = 32  # rows decoded together per step
-    max_len: int = 1024  # prompt + completion tokens per request (KV cache rows)
+    max_batch: int = 32  # most rows decoded together per step (KV memory: kv_cache_tokens)
+    max_len: int = 1024  # prompt + completion tokens per request
+    kv_cache_tokens: int = 32768  # KV cache memory, in tokens, shared by the requests in flight
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
     max_rank: int = 64
     adapter_slots: int = 32  # device tier: adapters resident in the LoRA stacks
     device_adapter_bytes: int = 0  # device tier byte limit (0: only the count limits)
@@ -58,6 +60,7 @@ def build_front(config: ServeConfig, store: ObjectStore | None = None) -> Servin
     model, tokenizer = load_serving_base(path, quantization=config.quantization, device=config.device or None)
     engine = Engine(model, tokenizer, max_batch=config.max_batch,
                     max_len=min(config.max_len, model.config.max_position_embeddings),
+                    kv_tokens=config.kv_cache_tokens, max_prefill_tokens=config.max_prefill_tokens,
                     adapter_slots=config.adapter_slots, max_rank=config.max_rank,
                     max_adapter_bytes=config.device_adapter_bytes or None)
     cache = AdapterCache(store, base_model_id=config.base_model_id, device=engine.slots,
