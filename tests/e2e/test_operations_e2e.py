@@ -84,3 +84,64 @@ def test_live_blend_answers_like_the_offline_cat_blend(adapters):
     assert live == offline and live
     row = client.get(f"/v1/adapters/{done['fine_tuned_model']}").json()  # one of the tenant's adapters now
     assert (row["job_id"], row["base_model"]) == (None, "lorafleet/tiny-llama")
+
+
+def _wait_status(client, job_id: str, wanted: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := client.get(f"/v1/fine_tuning/jobs/{job_id}").json())["status"] != wanted:
+        assert job["status"] not in ("succeeded", "failed", "cancelled"), job
+        assert time.monotonic() < deadline, f"{job_id} still {job['status']}, not {wanted}"
+        time.sleep(0.5)
+    return job
+
+
+def test_pause_then_resume_continues_from_the_pause(stack):
+    """Paused mid-run by the API: the run checkpoints where it stands and stops, the job holds no
+    run while paused, and the resumed run starts at the next step and finishes the job."""
+    from test_stack_e2e import _events
+
+    client = stack.tenant("ops-pause")
+    # 96 examples, batch 8: 12 steps an epoch, 120 in all (long enough to be paused mid-run),
+    # checkpoints only at epoch ends
+    job_id = _create(client, _upload(client, "pirate_chat.jsonl"), "lora", n_epochs=10, checkpoint_steps=0)
+    deadline = time.monotonic() + 600
+    while not any(e["type"] == "metrics" and e["data"].get("step", 0) >= 2 for e in _events(client, job_id)):
+        assert time.monotonic() < deadline, "no training step within 600 s"
+        time.sleep(0.5)
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert r.status_code == 200 and r.json()["status"] == "pausing", r.text
+    _wait_status(client, job_id, "paused")
+    events = _events(client, job_id)
+    (paused_at,) = [e["data"]["step"] for e in events if e["message"].startswith("paused at step")]
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert paused_at in {c["step_number"] for c in checkpoints} and paused_at < 120
+    assert any(e["message"] == f"Job paused at step {paused_at}" for e in events)
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+    statuses = _wait(client, [job_id])
+    assert statuses[job_id][-1] == "succeeded", statuses
+    events = _events(client, job_id)
+    resumed = [i for i, e in enumerate(events) if e["message"] == f"resumed from checkpoint at step {paused_at}"]
+    assert resumed, [e["message"] for e in events]
+    steps = [e["data"]["step"] for e in events[resumed[0]:] if e["type"] == "metrics" and "train_loss" in e["data"]]
+    assert steps[0] == paused_at + 1 and steps[-1] == 120
+
+
+def test_a_rank_sweep_reports_the_chapter_table(stack):
+    client = stack.tenant("ops-sweep")
+    train, valid = _upload(client, "pirate_chat.jsonl", lines=32), _upload(client, "pirate_chat.jsonl", lines=16)
+    r = client.post("/v1/fine_tuning/sweeps", json={
+        "base": {"model": "lorafleet/tiny-llama", "training_file": train, "validation_file": valid,
+                 "method": {"type": "lora", "lora": {"hyperparameters": {"n_epochs": 1, "batch_size": 8,
+                                                                         "gradient_accumulation_steps": 1}}}},
+        "parameters": [{"name": "r", "values": [2, 4]}]})
+    assert r.status_code == 201, r.text
+    sweep_id = r.json()["id"]
+    _wait(client, [c["job_id"] for c in r.json()["children"]])
+    sweep = client.get(f"/v1/fine_tuning/sweeps/{sweep_id}").json()
+    assert sweep["status"] == "succeeded", sweep
+    rows = {c["values"]["r"]: c for c in sweep["children"]}
+    assert rows[4]["trainable_params"] == 2 * rows[2]["trainable_params"] > 0  # A and B grow with r
+    for row in rows.values():
+        assert row["eval_loss"] > 0 and row["peak_memory_mb"] > 0 and row["tokens_per_s"] > 0 and row["train_time_s"] > 0
+    assert sweep["best"]["eval_loss"] == min(row["eval_loss"] for row in rows.values())
