@@ -20,7 +20,7 @@ from service.api.metrics import ApiMetrics
 from service.api.middleware import AuthGate, BodyGuard, RequestMiddleware
 from service.api.openapi import document_problems
 from service.api.routes import admin, blends, exports, files, health, inference, internal, jobs, models, operations_internal
-from service.api.routes import sweeps
+from service.api.routes import admin_cluster, sweeps
 from service.catalog.repository import DEFAULT_BASE_MODEL, ensure_base_model
 from service.console import router as console
 from service.db.migrate import upgrade_to_head
@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (admin, files, jobs, exports, blends, models, inference, internal, operations_internal, health):
         app.include_router(module.router)
     app.include_router(sweeps.router)
+    app.include_router(admin_cluster.router)
     document_problems(app)
     console.mount(app)  # the web console: static pages over the public API above
     # Added last = outermost. Request ids and metrics see every response, replays included;

@@ -47,6 +47,7 @@ from service.launcher import (
     job_env,
     submission_id,
 )
+from service.scheduling.observed import ClusterRecorder
 from service.scheduling.policy import (
     ZERO,
     Capacity,
@@ -156,6 +157,7 @@ class Scheduler:
         self._next_expiry = 0.0
         self.last_plan: Plan | None = None  # what the last dispatch decided (logs, tests, benches)
         self.operations = OperationRunner(settings, self.sessions, launcher)
+        self.observed = ClusterRecorder(self.sessions)  # what the admin API shows of the cluster
 
     # One pass. Returns False when another process leads.
     def tick(self) -> bool:
@@ -396,6 +398,7 @@ class Scheduler:
         cluster_max = Capacity(cpus=math.inf if st.cluster_max_cpus is None else st.cluster_max_cpus,
                                gpus=math.inf if st.cluster_max_gpus is None else st.cluster_max_gpus)
         res = self.launcher.resources()
+        self.observed.record(res, training=ours, now=now)
         if st.ray_autoscaling and math.isfinite(cluster_max.cpus + cluster_max.gpus):
             # The autoscaler adds nodes up to the cluster's maximum: plan against that, not today's size.
             budget, free = cluster_max, _floor(cluster_max - ours)

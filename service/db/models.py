@@ -280,3 +280,19 @@ class OperationEventRow(Base):
     type: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None]
+
+
+class ClusterStatus(Base):
+    """The scheduler leader's last view of the Ray cluster: one row (id 1), written by
+    service.scheduling.observed. The API reads it so that it needs no Ray address or token."""
+
+    __tablename__ = "cluster_status"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    total_cpus: Mapped[float]
+    total_gpus: Mapped[float]
+    available_cpus: Mapped[float]  # held by nothing: not our runs, serving, nor other Ray work
+    available_gpus: Mapped[float]
+    training_cpus: Mapped[float]  # what our committed runs hold (counted before Ray places them)
+    training_gpus: Mapped[float]
+    observed_at: Mapped[int]
