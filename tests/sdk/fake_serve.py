@@ -32,9 +32,28 @@ def healthz() -> dict:
     return {"ok": True}
 
 
+# Its "adapter cache": the adapters it has answered for (the first request for one is a miss),
+# reported by GET /internal/v1/stats in the real serving app's shape (the admin view reads it).
+_seen: set[str] = set()
+_cache = {"hits": 0, "misses": 0, "evictions": 0, "adapters": 0, "bytes": 0, "max_adapters": None, "max_bytes": None}
+
+
 def _answer(body: dict) -> list[str]:
     adapter = (body.get("lorafleet") or {}).get("adapter")
+    if adapter:
+        _cache["hits" if adapter["id"] in _seen else "misses"] += 1
+        _seen.add(adapter["id"])
+        _cache["adapters"] = len(_seen)
     return ["Ahoy", " from ", adapter["id"] if adapter else "base"]
+
+
+@app.get("/internal/v1/stats")
+async def stats(request: Request) -> dict:
+    try:
+        verifier.verify(verifier.check_headers(request.headers), "GET", request.url.path, b"")
+    except SignatureError as exc:
+        raise HTTPException(401, f"invalid_signature: {exc.reason}") from None
+    return {"base_model_id": "lorafleet/tiny-llama", "engine": {}, "adapters": {"host": dict(_cache)}}
 
 
 @app.post("/v1/chat/completions")

@@ -1,5 +1,6 @@
 import { all, post, patch, del, ApiError } from "../api.js";
 import { h, replace, table, when, flash } from "../dom.js";
+import { clusterSections } from "./cluster.js";
 
 const LIMITS = [["max_concurrent_jobs", "Concurrent jobs"], ["max_queued_jobs", "Queued jobs"], ["requests_per_minute", "Requests / min"]];
 
@@ -14,7 +15,8 @@ export function adminView(view) {
     h("button", { type: "submit", text: "Create tenant" }), createError);
   const tenants = h("section", { id: "tenants" });
   const keys = h("section", { id: "keys", class: "card", hidden: true });
-  replace(view, h("h1", { text: "Admin" }), create, keys, tenants);
+  const cluster = h("div", { id: "cluster-overview", class: "columns" });
+  replace(view, h("h1", { text: "Admin" }), cluster, create, keys, tenants);
   const guard = (fn) => async () => {
     try {
       await fn();
@@ -73,4 +75,5 @@ export function adminView(view) {
     }
   });
   load().catch((exc) => flash(exc.message));
+  return clusterSections(cluster);
 }
