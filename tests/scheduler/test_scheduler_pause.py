@@ -1,70 +1,57 @@
-"""Pausing against a real local Ray (both databases): a pausing job keeps its slot until its run
-has stopped, then becomes paused and frees it; a resumed job runs again as a new attempt; a run
-that does not stop within the grace is stopped. Runs are `sleep` stand-ins, as in
-test_scheduler.py: the worker's side of a pause is tests/workers/train/test_train_pause.py."""
+"""The scheduler's part of a pause (both databases, the simulated cluster of test_governance): a
+pausing job keeps its slot until its run has stopped, then becomes paused and frees it in the same
+pass; a resumed job runs again as a new attempt; a run that does not stop within the grace is
+stopped. The worker's part is tests/workers/train/test_train_pause.py; all of it on a real Ray,
+tests/e2e/test_operations_e2e.py."""
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import select
-from test_scheduler import _queued_job, _running, _tenant, _wait, env  # noqa: F401 - env is a fixture
+from test_governance import world  # noqa: F401 - the fixture
 
-from service import scheduler as scheduler_module
 from service.db.models import Job, JobEventRow
 from service.db.session import session_scope
 from service.jobs import states
 from service.jobs.pause import pause_job, resume_job
 from service.launcher import RunState, submission_id
-
-pytestmark = pytest.mark.ray
-
-
-def _status(sessions, job_id):
-    with session_scope(sessions) as s:
-        job = s.get(Job, job_id)
-        return job.status, job.attempts
+from service.scheduler import PAUSE_GRACE_S
 
 
-def test_a_paused_job_frees_its_slot_and_a_resumed_one_runs_again(env):  # noqa: F811
-    sched, sessions, launcher, _ = env  # max_running_jobs=1
-    with session_scope(sessions) as s:
-        tenant = _tenant(s, "A", limit=1).id
-        first, second = _queued_job(s, tenant), _queued_job(s, tenant)
-    sched.tick()
-    assert _running(sessions) == [first]
-    with session_scope(sessions) as s:
-        pause_job(s, s.get(Job, first))
-    sched.tick()  # the run has not stopped yet: the job holds its slot
-    assert _status(sessions, first) == (states.PAUSING, 1) and _status(sessions, second)[0] == states.QUEUED
-    # The worker checkpoints and exits (the `sleep` stand-in is stopped instead).
-    launcher.stop(submission_id(first, 1))
-    _wait(lambda: launcher.state(submission_id(first, 1)).terminal)
-    sched.tick()
-    assert _status(sessions, first) == (states.PAUSED, 1)
-    assert _running(sessions) == [second]  # started in the same pass: a paused job holds nothing
-    with session_scope(sessions) as s:
-        resume_job(s, s.get(Job, first))
-    sched.tick()
-    assert _status(sessions, first) == (states.QUEUED, 1)  # the tenant's one slot is taken
-    with session_scope(sessions) as s:
-        states.transition(s, s.get(Job, second), states.SUCCEEDED)
-    sched.tick()
-    assert _status(sessions, first) == (states.RUNNING, 2)
-    assert launcher.state(submission_id(first, 2)) in (RunState.PENDING, RunState.RUNNING)
-    with session_scope(sessions) as s:
+def _do(w, fn, job_id):
+    with session_scope(w.sessions) as s:
+        fn(s, s.get(Job, job_id))
+
+
+def test_a_paused_job_frees_its_slot_and_a_resumed_one_runs_again(world):  # noqa: F811
+    w = world(duration=lambda _: 10_000.0)
+    tenant = w.tenant("a", max_concurrent_jobs=1)
+    first, second = w.queue(tenant, 2)
+    assert w.tick() == [first]
+    _do(w, pause_job, first)
+    assert w.tick() == []  # its run has not stopped yet: the job still holds the tenant's slot
+    assert (w.job(first).status, w.job(second).status) == (states.PAUSING, states.QUEUED)
+    w.cluster.stop(submission_id(first, 1))  # the worker wrote its checkpoint and exited
+    assert w.tick() == [second]  # paused, and its slot taken in the same pass
+    assert (w.job(first).status, w.job(first).attempts) == (states.PAUSED, 1)
+    _do(w, resume_job, first)
+    assert w.tick() == [] and w.job(first).status == states.QUEUED  # the one slot is the second's
+    w.cluster.stop(submission_id(second, 1))
+    _do(w, lambda s, job: states.transition(s, job, states.SUCCEEDED), second)
+    assert w.tick() == [first]
+    assert (w.job(first).status, w.job(first).attempts) == (states.RUNNING, 2)
+    assert w.cluster.state(submission_id(first, 2)) is RunState.RUNNING
+    with session_scope(w.sessions) as s:
         messages = [e.message for e in s.scalars(select(JobEventRow).where(JobEventRow.job_id == first))]
-    assert "Job paused at step 0" in messages
+    assert "Job paused at step 0" in messages and "Job resumed; requeued, continuing from step 0" in messages
 
 
-def test_a_run_that_does_not_stop_within_the_grace_is_stopped(env, monkeypatch):  # noqa: F811
-    sched, sessions, launcher, _ = env
-    with session_scope(sessions) as s:
-        job_id = _queued_job(s, _tenant(s, "A").id)
-    sched.tick()
-    _wait(lambda: launcher.state(job_id) is RunState.RUNNING, timeout=120)
-    with session_scope(sessions) as s:
-        pause_job(s, s.get(Job, job_id))
-    monkeypatch.setattr(scheduler_module, "PAUSE_GRACE_S", -1)
-    sched.tick()
-    assert _status(sessions, job_id) == (states.PAUSED, 1)
-    assert launcher.state(job_id) is RunState.STOPPED
+def test_a_run_that_does_not_stop_within_the_grace_is_stopped(world):  # noqa: F811
+    w = world(duration=lambda _: 10_000.0)
+    (job_id,) = w.queue(w.tenant("a"))
+    w.tick()
+    _do(w, pause_job, job_id)
+    w.tick(advance_s=PAUSE_GRACE_S / 2)
+    assert w.job(job_id).status == states.PAUSING
+    w.tick(advance_s=PAUSE_GRACE_S)
+    assert w.job(job_id).status == states.PAUSED
+    assert w.cluster.state(submission_id(job_id, 1)).terminal
