@@ -1,8 +1,8 @@
 """`make demo` / `lorafleet demo`: the whole story on one machine, through the public API only.
 
 Starts the embedded stack (SQLite, a local object store, a local Ray with the serving app),
-creates two tenants, uploads the two datasets the project ships, runs one LoRA and one QLoRA
-fine-tune with live progress, asks the same questions of the base model and of each tenant's
+creates two tenants, uploads the two datasets the project ships, runs LoRA, QLoRA and (IA)3
+fine-tunes with live progress, asks the same questions of the base model and of each tenant's
 adapter through one serving replica, shows that a tenant cannot use another tenant's adapter,
 and shuts everything down. Prints how long each stage took; exits non-zero if any check fails.
 """
@@ -27,6 +27,9 @@ QUESTIONS = ["What is 2 plus 6?", "What color is the sun?", "What sound does a l
 # Short fine-tunes that still learn each behaviour on 2 CPU cores.
 HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 8, "gradient_accumulation_steps": 1,
                    "learning_rate": 2e-3, "max_seq_length": 128, "checkpoint_steps": 20, "r": 8}
+# The same job shape for (IA)3, which has no rank, at its default rate (1e-1: the one measured to
+# learn the pirate voice on tiny-llama in this many steps; docs/API.md, "Methods").
+IA3_HYPERPARAMETERS = {**{k: v for k, v in HYPERPARAMETERS.items() if k != "r"}, "learning_rate": 1e-1}
 
 
 
@@ -111,20 +114,25 @@ def main() -> int:
             for f in (f_acme, f_bravo):
                 print(f"   {f.id}: {f.filename}, {f.examples} examples, format {f.format}")
 
-        with stages.stage("Fine-tune: acme LoRA (chat, pirate voice) and bravo QLoRA (Alpaca, [[BRAVO-7]] tag)"):
+        with stages.stage("Fine-tune: acme LoRA (chat, pirate voice), bravo QLoRA and (IA)3 (Alpaca, [[BRAVO-7]] tag)"):
             job_a = acme.fine_tuning.jobs.create(model="lorafleet/tiny-llama", training_file=f_acme.id,
                                                  method="lora", hyperparameters=HYPERPARAMETERS, suffix="pirate")
             job_b = bravo.fine_tuning.jobs.create(model="lorafleet/tiny-llama", training_file=f_bravo.id,
                                                   method="qlora", hyperparameters=HYPERPARAMETERS, suffix="bravo")
+            job_c = bravo.fine_tuning.jobs.create(model="lorafleet/tiny-llama", training_file=f_bravo.id,
+                                                  method="ia3", hyperparameters=IA3_HYPERPARAMETERS, suffix="bravo-ia3")
             # acme's second adapter, to blend with its first: answers wrapped in <answer> tags
             f_format = acme.files.create(DEMO_DATA / "answer_format.jsonl")
             job_f = acme.fine_tuning.jobs.create(model="lorafleet/tiny-llama", training_file=f_format.id,
                                                  method="lora", hyperparameters=HYPERPARAMETERS, suffix="format")
-            print(f"   {job_a.id} (lora) and {job_b.id} (qlora) queued; both run at once on the local Ray")
+            print(f"   {job_a.id} (lora), {job_b.id} (qlora) and {job_c.id} (ia3) queued; they run at once "
+                  "on the local Ray")
             done_a = acme.fine_tuning.jobs.wait(job_a.id, progress=True, timeout=900)
             done_b = bravo.fine_tuning.jobs.wait(job_b.id, progress=True, timeout=900)
             done_f = acme.fine_tuning.jobs.wait(job_f.id, progress=True, timeout=900)
-            print(f"   acme  → {done_a.fine_tuned_model}, {done_f.fine_tuned_model}\n   bravo → {done_b.fine_tuned_model}")
+            done_c = bravo.fine_tuning.jobs.wait(job_c.id, progress=True, timeout=900)
+            print(f"   acme  → {done_a.fine_tuned_model}, {done_f.fine_tuned_model}\n"
+                  f"   bravo → {done_b.fine_tuned_model}, {done_c.fine_tuned_model}")
             blend_id, export_id = demo_ops.start(acme, done_a.fine_tuned_model, done_f.fine_tuned_model)
 
         with stages.stage("Ask the same questions of the base model and of each adapter (one serving replica)"):
@@ -132,13 +140,16 @@ def main() -> int:
             for q in QUESTIONS:
                 rows.append((q, _answer_chat(acme, "lorafleet/tiny-llama", q),
                              _answer_chat(acme, done_a.fine_tuned_model, q),
-                             _answer_alpaca(bravo, done_b.fine_tuned_model, q)))
+                             _answer_alpaca(bravo, done_b.fine_tuned_model, q),
+                             _answer_alpaca(bravo, done_c.fine_tuned_model, q)))
             _print_table(rows)
-            for q, base, a, b in rows:
+            for q, base, a, b, c in rows:
                 if "Arr" not in a and "Yo ho" not in a:
                     failures.append(f"acme's adapter did not answer like a pirate: {q!r} → {a!r}")
                 if "BRAVO-7" not in b:
                     failures.append(f"bravo's adapter did not tag its answer: {q!r} → {b!r}")
+                if "BRAVO-7" not in c:
+                    failures.append(f"bravo's (IA)3 adapter did not tag its answer: {q!r} → {c!r}")
                 if "BRAVO-7" in base or "Arr matey" in base:
                     failures.append(f"the base model answered like an adapter: {base!r}")
 
@@ -189,10 +200,11 @@ def _print_table(rows) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # the CLI extra is not installed: plain text
-        for q, base, a, b in rows:
-            print(f"Q: {q}\n   base : {base}\n   acme : {a}\n   bravo: {b}")
+        for q, base, a, b, c in rows:
+            print(f"Q: {q}\n   base : {base}\n   acme : {a}\n   bravo: {b}\n   bravo (IA)3: {c}")
         return
-    table = Table("question", "base model", "acme-pirates (LoRA)", "bravo-corp (QLoRA)", show_lines=True)
+    table = Table("question", "base model", "acme-pirates (LoRA)", "bravo-corp (QLoRA)", "bravo-corp ((IA)3)",
+                  show_lines=True)
     for row in rows:
         table.add_row(*row)
     Console(width=160).print(table)

