@@ -8,10 +8,20 @@ A 4-layer, 256-wide random Llama; N closed-loop clients, each with its own adapt
   (d) ours      workers.serve.engine.Engine, continuous batching, every adapter in one batch
   (d0) ours_base   our engine with no adapter on any row (how much the LoRA path itself costs)
 Each column is repeated and interleaved with the others; the best repetition is kept (the machine is
-shared). Plus what a cold rank-16 adapter adds to time to first token when it comes from an S3
-endpoint (moto server subprocess): ``cold_load_ms`` = median cold TTFT - median warm TTFT.
+shared). Plus:
+  cold_load_ms  what a cold rank-16 adapter adds to time to first token when it comes from an S3
+                endpoint (moto server subprocess): median cold TTFT - median warm TTFT;
+  wide          (d) and (d0) on a 2048-wide, 4-layer model where matmuls, not Python, dominate
+                (``vs_own_base_wide``);
+  zipf          1,000 distinct rank-8 adapters in a local object store, Zipf(1.0) popularity,
+                32 clients through the adapter cache (host tier 256, device budget of 32
+                adapters' bytes) against the same load with every adapter resident
+                (``zipf_vs_resident``, hit rates printed);
+  lora_bytes_overhead  device bytes the engine takes for one r=8 q,k,v,o adapter on a
+                Llama-2-7B-shaped model (built on the meta device: the engine's own sizing and
+                page allocation, no memory) / that adapter's size in the same dtype.
 
-    python bench/serve_throughput.py [--quick] [--json PATH]
+    python bench/serve_throughput.py [--quick] [--wide] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from serve_rows import lora_bytes_overhead, wide_rows, zipf_rows
 
 from workers.serve import synthetic
 from workers.serve.engine import Engine
@@ -192,11 +204,25 @@ def _measure(base, peft_model, engine: Engine, prompts, adapters, names, rounds:
     return list(best.values())
 
 
+def _measure_ours(engine: Engine, prompts, adapters, rounds: int, reps: int) -> list[dict]:
+    """(d) and (d0) only, interleaved, best of ``reps``."""
+    n = len(prompts)
+    ours_closed_loop(engine, prompts[:2], adapters[:2], 1)
+    best: dict[str, dict] = {}
+    for _ in range(reps):
+        for column, run in (("d_ours", adapters), ("d0_ours_no_adapter", [None] * n)):
+            r = row(column, n, *ours_closed_loop(engine, prompts, run, rounds))
+            if column not in best or r["tokens_per_s"] > best[column]["tokens_per_s"]:
+                best[column] = r
+    return list(best.values())
+
+
 def report(name: str, args, rows: list[dict], figures: dict, caption: str, *, quick: bool) -> None:
-    print(f"{'column':<20}{'adapters':>9}{'tok/s':>10}{'ttft p50 ms':>13}{'ttft p99 ms':>13}")
+    print(f"{'column':<24}{'adapters':>9}{'tok/s':>10}{'ttft p50 ms':>13}{'ttft p99 ms':>13}")
+    ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for r in rows:
-        print(f"{r['column']:<20}{r['adapters']:>9}{r['tokens_per_s']:>10.0f}"
-              f"{r['ttft_p50_ms']:>13.1f}{r['ttft_p99_ms']:>13.1f}")
+        print(f"{r['column']:<24}{r['adapters']:>9}{r['tokens_per_s']:>10.0f}"
+              f"{ms(r['ttft_p50_ms']):>13}{ms(r['ttft_p99_ms']):>13}")
     print(f"{caption}:", ", ".join(f"{k}={v:.2f}" for k, v in figures.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -207,13 +233,26 @@ def report(name: str, args, rows: list[dict], figures: dict, caption: str, *, qu
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 and 32 adapters, fewer rounds")
+    ap.add_argument("--wide", action="store_true", help="only the wide shape's rows")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = ap.parse_args()
     # One intra-op thread by default: on a shared 2-core machine, two threads that get preempted
     # spin in OpenMP barriers and every column loses 10-100x at random; one thread is stable.
     torch.set_num_threads(args.threads)
-    counts, rounds, reps = ([8, 32], 2, 2) if args.quick else ([8, 32, 64], 3, 3)
+    rows, figures = [], {}
+    parts = [] if args.wide else [lambda: _tiny(args.quick), lambda: ([], lora_bytes_overhead()),
+                                  lambda: zipf_rows(quick=args.quick)]
+    for part in parts + [lambda: wide_rows(_measure_ours, quick=args.quick)]:
+        found_rows, found = part()
+        rows += found_rows
+        figures.update(found)
+        print("so far:", json.dumps({"rows": found_rows, "figures": found}), flush=True)
+    report("serve_throughput", args, rows, figures, "figures at 32 adapters", quick=args.quick)
+
+
+def _tiny(quick: bool) -> tuple[list[dict], dict]:
+    counts, rounds, reps = ([8, 32], 2, 2) if quick else ([8, 32, 64], 3, 3)
     cfg = synthetic.tiny_llama_config(vocab_size=2048, hidden=256, layers=4, heads=4, kv_heads=4,
                                       intermediate=688, init_range=0.1)
     n_max = max(counts)
@@ -234,13 +273,13 @@ def main() -> None:
     rows = []
     for n in counts:
         rows += _measure(base, peft_model, engine, all_prompts[:n], adapters[:n], names[:n], rounds, reps)
+        print(f"measured {n} adapters", flush=True)  # the shared machine may be slow: show progress
 
     by = {(r["column"], r["adapters"]): r["tokens_per_s"] for r in rows}
     ours = by[("d_ours", 32)]
-    figures = {"vs_base": ours / by[("a_base", 32)], "vs_set_adapter": ours / by[("b_set_adapter", 32)],
-               "vs_peft_mixed": ours / by[("c_peft_mixed", 32)],
-               "vs_own_base": ours / by[("d0_ours_no_adapter", 32)], **cold}
-    report("serve_throughput", args, rows, figures, "figures at 32 adapters", quick=args.quick)
+    return rows, {"vs_base": ours / by[("a_base", 32)], "vs_set_adapter": ours / by[("b_set_adapter", 32)],
+                  "vs_peft_mixed": ours / by[("c_peft_mixed", 32)],
+                  "vs_own_base": ours / by[("d0_ours_no_adapter", 32)], **cold}
 
 
 if __name__ == "__main__":

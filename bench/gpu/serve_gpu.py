@@ -2,7 +2,9 @@
 rank-16 adapters on q,k,v,o, closed-loop clients, 16 new tokens greedy. No Ray, no network.
 
 Columns as bench/serve_throughput.py: (a) base alone (HF generate), (b) PEFT set_adapter per
-request, (c) PEFT mixed batch (adapter_names=), (d) ours, (d0) ours with no adapter.
+request, (c) PEFT mixed batch (adapter_names=), (d) ours, (d0) ours with no adapter
+(``vs_own_base``: what the LoRA path costs, bf16 pages through the dense kernel), and
+``lora_bytes_overhead`` (the engine's own sizing, as on the CPU).
 
     python bench/gpu/serve_gpu.py [--json PATH]      # the H200 run, < 8 minutes
     python bench/gpu/serve_gpu.py --smoke            # the same code, tiny, on the CPU
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repository root
 
 import torch
+from serve_rows import lora_bytes_overhead
 from serve_throughput import (
     NEW_TOKENS,
     PROMPT_LEN,
@@ -104,7 +107,7 @@ def main() -> None:
     figures = {"vs_base": by["d_ours"] / by["a_base"], "vs_set_adapter": by["d_ours"] / by["b_set_adapter"],
                "vs_peft_mixed": by["d_ours"] / by["c_peft_mixed"],
                "vs_own_base": by["d_ours"] / by["d0_ours_no_adapter"],
-               "wall_s": time.perf_counter() - started}
+               "wall_s": time.perf_counter() - started, **lora_bytes_overhead()}
     if device == "cuda":
         figures["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     report("serve_gpu", args, rows, figures, f"figures at {n} adapters", quick=args.smoke)

@@ -32,6 +32,8 @@ BAD = {
     "ray version not semver": ({"ray": {"rayVersion": "latest"}}, "/ray/rayVersion"),
     "extraEnv without name": ({"extraEnv": [{"value": "x"}]}, "/extraEnv/0"),
     "serve import path": ({"serve": {"importPath": "workers/serve.py"}}, "/serve/importPath"),
+    "adapter memory over 0.9 of the GPU": ({"serve": {"adapterMemoryFraction": 1.5}}, "/serve/adapterMemoryFraction"),
+    "adapter memory as a slot count": ({"serve": {"deviceCacheAdapters": 64}}, "deviceCacheAdapters"),
     "empty catalog": ({"baseModels": {"catalog": []}}, "/baseModels/catalog"),
 }
 

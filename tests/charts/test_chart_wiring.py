@@ -289,7 +289,7 @@ def test_default_gpu_groups_tolerate_the_gpu_taint():
 def test_serve_config_is_generated_from_values():
     values = {
         "baseModels": {"default": "a", "catalog": [{"id": "a", "sourceUri": "s3://m/a"}, {"id": "b", "sourceUri": "s3://m/b"}]},
-        "serve": {"baseModel": "b", "deviceCacheAdapters": 5, "hostCacheAdapters": 50, "maxBatchSize": 12,
+        "serve": {"baseModel": "b", "adapterMemoryBytes": 5 << 30, "hostCacheAdapters": 50, "maxBatchSize": 12,
                   "autoscaling": {"minReplicas": 2, "maxReplicas": 6, "targetOngoingRequests": 3}},
         "objectStore": {"url": "s3://bkt/x"},
     }
@@ -298,12 +298,14 @@ def test_serve_config_is_generated_from_values():
     [app] = cfg["applications"]
     assert app["import_path"] == "workers.serve.app:build_app"
     assert app["args"] == {"base_model_id": "b", "base_model_uri": "s3://m/b", "object_store_url": "s3://bkt/x",
-                           "quantization": "nf4", "adapter_slots": 5, "host_adapters": 50, "max_batch": 12}
+                           "quantization": "nf4", "device_adapter_fraction": 0.1, "device_adapter_bytes": 5 << 30,
+                           "host_adapters": 50, "max_batch": 12}
     # The args are settings the serving code knows, and the deployment is the one it defines.
     from workers.serve.app import LoraReplica
     from workers.serve.replica import ServeConfig
 
-    assert ServeConfig.load(**{k: str(v) for k, v in app["args"].items()}).adapter_slots == 5
+    loaded = ServeConfig.load(**{k: str(v) for k, v in app["args"].items()})
+    assert (loaded.device_adapter_bytes, loaded.device_adapter_fraction) == (5 << 30, 0.1)
     [dep] = app["deployments"]
     assert dep["name"] == LoraReplica.name
     assert dep["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 3}

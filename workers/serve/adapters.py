@@ -2,7 +2,7 @@
 
 Host tier (here): parsed adapters in CPU memory, limited in count and bytes, keyed by id and
 version prefix, so a new version is a new entry and is served without a restart. Device tier
-(``workers.serve.slots.DeviceSlots``): the slots of the engine's LoRA stacks. A load reads
+(``workers.serve.slots.DeviceSlots``): the engine's LoRA page pools, a byte budget. A load reads
 ``manifest.json``, refuses an adapter trained for another base model, and checks every file the
 manifest lists against its sha256 before parsing anything. Concurrent requests for one cold
 adapter share one load: a per-key asyncio lock, re-checked after acquiring (as Ray Serve's
@@ -153,8 +153,7 @@ class AdapterCache:
                         "bytes": sum(a.nbytes for a in self._host.values()),
                         "max_adapters": self.max_host_adapters, "max_bytes": self.max_host_bytes}}
         if self.device is not None:
-            out["device"] = {**self.device.stats, "adapters": len(self.device.resident()),
-                             "capacity": self.device.capacity}
+            out["device"] = {**self.device.stats, **self.device.usage()}
         return out
 
     # ---- loading (in a worker thread) -----------------------------------------------------------

@@ -32,13 +32,14 @@ from ray.serve.handle import DeploymentHandle
 from workers.serve.adapters import AdapterError
 from workers.serve.front import problem
 from workers.serve.http import create_app
+from workers.serve.metrics import AdapterGauges
 from workers.serve.replica import ServeConfig, build_front
 from workers.signing import KEY_ENV, PREVIOUS_KEY_ENV, Claims, Verifier
 
 log = logging.getLogger("lorafleet.serve.app")
 
 # Adapters a replica reports to Ray's router as loaded: as many as its device tier holds.
-MULTIPLEX_MAX = int(os.environ.get("LORAFLEET_SERVE_ADAPTER_SLOTS", "32"))
+MULTIPLEX_MAX = int(os.environ.get("LORAFLEET_SERVE_ADAPTER_SLOTS", str(ServeConfig.adapter_slots)))
 APP_ARGS = ("min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus", "num_gpus")
 
 
@@ -55,6 +56,7 @@ class LoraReplica:
 
     def __init__(self, settings: dict):
         self.front = build_front(ServeConfig.load(**settings))
+        self.gauges = AdapterGauges()
 
     @serve.multiplexed(max_num_models_per_replica=MULTIPLEX_MAX)
     async def adapter(self, model_id: str) -> str:
@@ -70,15 +72,20 @@ class LoraReplica:
             except AdapterError as exc:
                 yield {"problem": problem(exc.status, exc.code, str(exc), "model")}
                 return
-        async with aclosing(self.front.run(kind, body)) as items:  # a cancel aborts generation
-            async for item in items:
-                yield item
+        try:
+            async with aclosing(self.front.run(kind, body)) as items:  # a cancel aborts generation
+                async for item in items:
+                    yield item
+        finally:  # the adapter memory gauges follow what requests loaded and placed
+            self.gauges.update(self.front.cache.stats())
 
     async def evict(self, adapter_id: str) -> bool:
         return await self.front.evict(adapter_id)
 
     async def stats(self) -> dict:
-        return await self.front.stats()
+        stats = await self.front.stats()
+        self.gauges.update(stats["adapters"])
+        return stats
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and Ray

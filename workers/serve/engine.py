@@ -138,7 +138,7 @@ class Request:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 32, max_len: int = 512,
                  adapter_slots: int = 16, max_adapter_bytes: int | None = None, max_rank: int = 16,
-                 lora_dtype: torch.dtype = torch.float32, wrap: Sequence[str] = DEFAULT_WRAPPED,
+                 lora_dtype: torch.dtype | None = None, wrap: Sequence[str] = DEFAULT_WRAPPED,
                  eos_token_id: int | list[int] | None = None, max_prefill_tokens: int = 512,
                  kv_tokens: int | None = None, kv_block: int = 16):
         model.eval()
@@ -151,9 +151,12 @@ class Engine:
         cfg = model.config
         self.dtype = model.get_input_embeddings().weight.dtype
         self.device = model.get_input_embeddings().weight.device
-        slots = self._slot_count(model, adapter_slots, max_adapter_bytes, max_rank, lora_dtype, wrap)
-        self.modules = wrap_model(model, slots=slots, max_rank=max_rank, dtype=lora_dtype, targets=wrap)
-        self.slots = DeviceSlots(self.modules, slots, max_rank)
+        # Adapters on the device: at most ``adapter_slots`` of them, in ``max_adapter_bytes`` of
+        # pages (None: no byte limit), LoRA weights in the base's compute dtype unless told.
+        lora_dtype = lora_dtype or self._compute_dtype(model)
+        slots = adapter_slots + 1  # slot 0: rows without an adapter
+        self.modules = wrap_model(model, targets=wrap)
+        self.slots = DeviceSlots(self.modules, slots, max_rank, max_bytes=max_adapter_bytes, dtype=lora_dtype)
         # KV memory is a token budget (default: what max_batch rows of max_len used to reserve);
         # max_batch only caps the rows.
         kv_tokens = max_batch * max_len if kv_tokens is None else kv_tokens
@@ -177,16 +180,13 @@ class Engine:
                       **self.kv.usage()}
 
     @staticmethod
-    def _slot_count(model: nn.Module, count: int, max_bytes: int | None, max_rank: int,
-                    dtype: torch.dtype, wrap: Sequence[str]) -> int:
-        """Device-tier size: ``count`` adapters, fewer if that many slots of every wrapped
-        layer's stacks would pass ``max_bytes``; plus the zero slot."""
-        if max_bytes is None:
-            return count + 1
-        widths = sum(m.in_features + m.out_features for name, m in model.named_modules()
-                     if name.rsplit(".", 1)[-1] in wrap and hasattr(m, "in_features"))
-        per_slot = widths * max_rank * torch.finfo(dtype).bits // 8
-        return max(1, min(count, max_bytes // per_slot)) + 1
+    def _compute_dtype(model: nn.Module) -> torch.dtype:
+        """What the base computes in: a 4-bit layer's compute dtype, else its floating weights'."""
+        for module in model.modules():
+            compute = getattr(module, "compute_dtype", None)
+            if isinstance(compute, torch.dtype):
+                return compute
+        return model.get_input_embeddings().weight.dtype
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -343,19 +343,14 @@ class Engine:
         return new
 
     def _prepare(self, reqs: list[Request]) -> None:
-        """Gather each wrapped layer's LoRA weights for this batch, once per composition."""
-        composition = tuple(r.slot for r in reqs)
+        """Which pages each row's adapter has in every wrapped layer, once per composition (and
+        again when the pools moved: ``DeviceSlots.generation``); no weight is copied."""
+        rows = [r.slot for r in reqs]
+        composition = (tuple(rows), self.slots.generation)
         if composition == self._composition:
             return
         self._composition = composition
-        rank = max((r.adapter.rank for r in reqs if r.adapter is not None), default=0)
-        rows = list(composition)
-        rows_t = torch.tensor(rows, device=self.device)
-        scale = torch.tensor([r.adapter.scale if r.adapter else 0.0 for r in reqs],
-                             device=self.device, dtype=next(iter(self.modules.values())).stack_a.dtype)
-        scale = scale.view(-1, 1, 1)
-        for module in self.modules.values():
-            module.prepare(rows, rows_t, rank, scale)
+        self.slots.current = self.slots.batch(rows)
 
     def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``inputs``: token ids, or input embeddings (floating point) when virtual tokens are in."""

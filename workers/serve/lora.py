@@ -1,11 +1,16 @@
-"""Batched multi-LoRA linear layers (Punica/S-LoRA style BGMV) and PEFT adapter loading.
+"""Batched multi-LoRA linear layers and PEFT adapter loading.
 
-Every targeted linear layer of the shared base model is wrapped by ``MultiLoraLinear``, which
-holds the LoRA A/B weights of all adapters resident on the device as one zero-padded stack
-``(slots, in, max_rank)`` / ``(slots, max_rank, out)``. Slot 0 stays all zeros: rows without an
-adapter, and adapters that do not target a module, gather it and contribute exactly zero. Once per
-batch composition the engine gathers each row's slot (``prepare``); the forward is then two
-``bmm`` per layer for the whole batch, whatever the number of distinct adapters.
+Every targeted linear layer of the shared base model is wrapped by ``MultiLoraLinear``. The LoRA
+weights of the adapters resident on the device live in page pools (``workers.serve.pool``): one
+page per rank, so each row of a batch reads exactly its own adapter's ``rank`` pages of a layer,
+and nothing when its adapter does not target it. Per batch composition the engine builds a
+``LoraBatch``: for every layer, a sparse row → pages pattern. The forward is then, per layer, one
+sampled matmul (``x · A`` only at each row's own pages, SDDMM) and one ``embedding_bag`` summing
+each row's B pages weighted by those values, for the whole batch, whatever the number of distinct
+adapters and their ranks: no copy of any weight per row, no padding to the largest rank (Punica's
+BGMV, from torch's own kernels). For half-precision pools, which torch's sparse kernels do not
+take, the batch gathers its distinct adapters' pages once per composition and runs dense matmuls
+over them, masked per row.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -156,78 +162,113 @@ def _checked(adapter_id: str, name: str, t: torch.Tensor, dtype: torch.dtype, di
     return t
 
 
-class MultiLoraLinear(nn.Module):
-    """base(x) + (x A_row) (scale_row B_row) for every row of the batch: two batched matmuls;
-    plus, when the base layer has a bias, each row's trained bias minus the base's (zero for
-    rows whose adapter did not train it)."""
+# torch's sampled_addmm (SDDMM) takes float32/float64 only; other pools use the dense path.
+SPARSE_DTYPES = (torch.float32, torch.float64)
 
-    def __init__(self, base: nn.Module, slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device):
+
+class LoraBatch:
+    """One batch composition's view of the page pools. ``starts``/``ranks``/``bias_pages``:
+    ``(layers, rows)`` int64 on the CPU, a row's range in each wrapped layer's pool and its bias
+    page (0: none). The per-token patterns (a prefill chunk feeds ``T`` tokens per row, a decode
+    step one) are built once per token count, for every layer in one pass."""
+
+    def __init__(self, modules: list[MultiLoraLinear], starts: torch.Tensor, ranks: torch.Tensor,
+                 bias_pages: torch.Tensor, *, dense: bool):
+        self._modules, self._dense = modules, dense
+        self._starts, self._ranks, self._bias = starts, ranks, bias_pages
+        self._plans: dict[int, list[tuple]] = {}
+
+    def plan(self, tokens: int) -> list[tuple]:
+        """Per layer: (LoRA operands or None, per-row bias (rows, 1, out) or None)."""
+        plan = self._plans.get(tokens)
+        if plan is None:
+            plan = self._plans[tokens] = self._build(tokens)
+        return plan
+
+    def _build(self, tokens: int) -> list[tuple]:
+        ranks = self._ranks.repeat_interleave(tokens, 1) if tokens > 1 else self._ranks
+        starts = self._starts.repeat_interleave(tokens, 1) if tokens > 1 else self._starts
+        layers, rows = ranks.shape
+        crow = torch.zeros(layers, rows + 1, dtype=torch.long)
+        torch.cumsum(ranks, 1, out=crow[:, 1:])
+        flat = ranks.flatten()
+        total = int(crow[:, -1].sum())
+        # Column of every stored entry: its row's start plus its place within the row's range.
+        first = torch.cumsum(flat, 0) - flat
+        col = (starts.flatten().repeat_interleave(flat, output_size=total) + torch.arange(total)
+               - first.repeat_interleave(flat, output_size=total))
+        nnz = crow[:, -1].tolist()
+        has_bias = self._bias.any(1).tolist()
+        device = self._modules[0].pool.device if self._modules else torch.device("cpu")
+        crow_d, col_d = crow.to(device), col.to(device)
+        plan, at = [], 0
+        for i, module in enumerate(self._modules):
+            pool, n = module.pool, nnz[i]
+            bias = (pool.b.index_select(0, self._bias[i].to(device)).unsqueeze(1) if has_bias[i] else None)
+            cols = col_d[at:at + n]
+            at += n
+            if n == 0:
+                plan.append((None, bias))
+            elif self._dense:
+                # The batch's distinct pages once, and which of them each row uses.
+                pages, which = torch.unique(cols, return_inverse=True)
+                row = torch.repeat_interleave(torch.arange(rows, device=device), ranks[i].to(device),
+                                              output_size=n)
+                mask = torch.zeros(rows, len(pages), dtype=pool.dtype, device=device)
+                mask[row, which] = 1
+                plan.append((("dense", pool.a.index_select(0, pages), pool.b.index_select(0, pages), mask), bias))
+            else:
+                pattern = torch.sparse_csr_tensor(crow_d[i], cols, torch.ones(n, dtype=pool.dtype, device=device),
+                                                  (rows, pool.pages), check_invariants=False)
+                plan.append((("sparse", pattern, cols, crow_d[i, :-1]), bias))
+        return plan
+
+
+class MultiLoraLinear(nn.Module):
+    """base(x) + x A_row (scale_row B_row) for every row of the batch, from the page pool of its
+    shape; plus, when the base layer has a bias, each row's trained bias minus the base's (zero
+    for rows whose adapter did not train it). ``workers.serve.slots.DeviceSlots`` attaches the
+    pool and publishes the current ``LoraBatch``."""
+
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("stack_a", torch.zeros(slots, self.in_features, max_rank, dtype=dtype,
-                                                    device=device), persistent=False)
-        self.register_buffer("stack_b", torch.zeros(slots, max_rank, self.out_features, dtype=dtype,
-                                                    device=device), persistent=False)
-        self.filled: set[int] = set()  # slots holding weights for this module
-        self._a: torch.Tensor | None = None  # (batch, in, rank) for the current batch
-        self._b: torch.Tensor | None = None  # (batch, rank, out), times each row's scale
-        # Trained bias minus the base's, per slot: only for a base layer that has a bias.
         self.has_bias = getattr(base, "bias", None) is not None
-        self.register_buffer("stack_bias", torch.zeros(slots if self.has_bias else 0, self.out_features,
-                                                       dtype=dtype, device=device), persistent=False)
-        self.bias_filled: set[int] = set()
-        self._bias: torch.Tensor | None = None  # (batch, 1, out) for the current batch
+        self.index = -1
+        self.pool = self.owner = None
 
-    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None,
-              bias: torch.Tensor | None = None) -> None:
-        self.forget(slot)
-        self.stack_a[slot].zero_()
-        self.stack_b[slot].zero_()
-        if self.has_bias:
-            self.stack_bias[slot].zero_()
-        if a is not None:
-            r = a.shape[1]
-            self.stack_a[slot, :, :r].copy_(a)
-            self.stack_b[slot, :r, :].copy_(b)
-            self.filled.add(slot)
-        if bias is not None:  # DeviceSlots.check refused a bias for a layer without one
-            self.stack_bias[slot].copy_(bias.to(self.stack_bias) - self.base.bias.detach().to(self.stack_bias))
-            self.bias_filled.add(slot)
-
-    def forget(self, slot: int) -> None:
-        self.filled.discard(slot)
-        self.bias_filled.discard(slot)
-
-    def prepare(self, rows: list[int], rows_t: torch.Tensor, rank: int, scale: torch.Tensor) -> None:
-        """Gather the batch's weights once per composition, not in every forward; each row's
-        scale is folded into its B so the forward is one bmm and one baddbmm."""
-        self._bias = None
-        if self.has_bias and not self.bias_filled.isdisjoint(rows):
-            self._bias = self.stack_bias.index_select(0, rows_t).unsqueeze(1)
-        if rank == 0 or self.filled.isdisjoint(rows):
-            self._a = self._b = None
-            return
-        self._a = self.stack_a[:, :, :rank].index_select(0, rows_t)
-        self._b = self.stack_b[:, :rank, :].index_select(0, rows_t) * scale
+    def attach(self, owner, index: int, pool) -> None:
+        self.owner, self.index, self.pool = owner, index, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self._bias is not None:
-            y = y + self._bias.to(y.dtype)
-        if self._a is None:
+        batch = self.owner.current
+        if batch is None:
             return y
-        if y.dtype != self._a.dtype:
-            return y + torch.bmm(torch.bmm(x.to(self._a.dtype), self._a), self._b).to(y.dtype)
-        return torch.baddbmm(y, torch.bmm(x, self._a), self._b)
+        lora, bias = batch.plan(x.shape[1] if x.dim() == 3 else 1)[self.index]
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        if lora is None:
+            return y
+        pool = self.pool
+        x2 = x.reshape(-1, self.in_features).to(pool.dtype)
+        y2 = y.reshape(-1, self.out_features)
+        kind, *operands = lora
+        if kind == "sparse":
+            pattern, cols, offsets = operands
+            v = torch.sparse.sampled_addmm(pattern, x2, pool.a.t(), beta=0.0)  # x·A at each row's pages
+            # Σ_pages v · B_page per row: embedding_bag reads the pages in place (faster than SpMM).
+            delta = F.embedding_bag(cols, pool.b, offsets, mode="sum", per_sample_weights=v.values())
+        else:  # dense: the batch's distinct pages, masked per row
+            a, b, mask = operands
+            delta = ((x2 @ a.t()) * mask) @ b
+        return (y2 + delta.to(y.dtype)).view_as(y)
 
 
-def wrap_model(model: nn.Module, *, slots: int, max_rank: int, dtype: torch.dtype,
-               targets: Iterable[str] = DEFAULT_WRAPPED) -> dict[str, MultiLoraLinear]:
+def wrap_model(model: nn.Module, *, targets: Iterable[str] = DEFAULT_WRAPPED) -> dict[str, MultiLoraLinear]:
     """Replace every targeted linear (nn.Linear or bnb Linear4bit) in place; returns them by name."""
     targets = set(targets)
-    device = next(model.parameters()).device
     found = [(name, module) for name, module in model.named_modules()
              if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features")]
     if not found:
@@ -236,7 +277,7 @@ def wrap_model(model: nn.Module, *, slots: int, max_rank: int, dtype: torch.dtyp
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiLoraLinear(module, slots, max_rank, dtype, device)
+        wrapper = MultiLoraLinear(module)
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper
     return wrapped

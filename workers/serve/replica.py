@@ -29,8 +29,11 @@ class ServeConfig:
     kv_cache_tokens: int = 32768  # KV cache memory, in tokens, shared by the requests in flight
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
     max_rank: int = 64
-    adapter_slots: int = 32  # device tier: adapters resident in the LoRA stacks
-    device_adapter_bytes: int = 0  # device tier byte limit (0: only the count limits)
+    adapter_slots: int = 256  # device tier: most adapters resident at once (bookkeeping bound)
+    # Device tier memory for LoRA weights, a byte budget each adapter takes its ranks' pages of;
+    # 0: device_adapter_fraction of the GPU's memory (no byte limit on a CPU).
+    device_adapter_bytes: int = 0
+    device_adapter_fraction: float = 0.1
     host_adapters: int = 256  # host tier: parsed adapters kept in CPU memory
     host_adapter_bytes: int = 4 << 30
     default_max_tokens: int = 256
@@ -41,11 +44,22 @@ class ServeConfig:
         for f in dataclasses.fields(cls):
             raw = overrides.get(f.name, os.environ.get(ENV_PREFIX + f.name.upper()))
             if raw is not None:
-                values[f.name] = int(raw) if f.type == "int" else str(raw)
+                values[f.name] = {"int": int, "float": float}.get(f.type, str)(raw)
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown serving settings: {sorted(unknown)}")
         return cls(**values)
+
+
+def adapter_budget(config: ServeConfig, device) -> int | None:
+    """Bytes of device memory for resident adapters' LoRA weights."""
+    if config.device_adapter_bytes:
+        return config.device_adapter_bytes
+    if device.type == "cuda":
+        import torch
+
+        return int(config.device_adapter_fraction * torch.cuda.get_device_properties(device).total_memory)
+    return None  # CPU: host memory; the count (adapter_slots) and host tier bound it
 
 
 def build_front(config: ServeConfig, store: ObjectStore | None = None) -> ServingFront:
@@ -62,8 +76,10 @@ def build_front(config: ServeConfig, store: ObjectStore | None = None) -> Servin
                     max_len=min(config.max_len, model.config.max_position_embeddings),
                     kv_tokens=config.kv_cache_tokens, max_prefill_tokens=config.max_prefill_tokens,
                     adapter_slots=config.adapter_slots, max_rank=config.max_rank,
-                    max_adapter_bytes=config.device_adapter_bytes or None)
+                    max_adapter_bytes=adapter_budget(config, model.get_input_embeddings().weight.device))
+    # Host copies in the pools' dtype (bf16 on a GPU): half the host memory, no cast per placement.
     cache = AdapterCache(store, base_model_id=config.base_model_id, device=engine.slots,
-                         max_host_adapters=config.host_adapters, max_host_bytes=config.host_adapter_bytes)
+                         max_host_adapters=config.host_adapters, max_host_bytes=config.host_adapter_bytes,
+                         dtype=engine.slots.dtype)
     return ServingFront(EngineRunner(engine), cache, tokenizer, base_model_id=config.base_model_id,
                         default_max_tokens=config.default_max_tokens)

@@ -1,8 +1,11 @@
-"""The device tier of the adapter cache: which adapter occupies which slot of the LoRA stacks.
+"""The device tier of the adapter cache: which adapters are resident, and where their pages are.
 
-LRU over a fixed pool of slots (sized by a count and a byte limit). An adapter is referenced by
-every running row that uses it and is never evicted while referenced or pinned; ``evict`` of a
-busy adapter frees its slot when its last row finishes.
+Capacity is a byte budget: an adapter takes the pages its ranks and target layers need
+(``workers.serve.pool``), so one device holds many small adapters or fewer large ones. A count
+limit (``slots``) bounds the bookkeeping tables; a resident adapter's number (its "slot", 1..)
+names it in those tables and in each row of a batch (0: no adapter). LRU eviction; an adapter
+is referenced by every running row that uses it and is never evicted while referenced or
+pinned; ``evict`` of a busy adapter frees it when its last row finishes.
 """
 
 from __future__ import annotations
@@ -12,31 +15,79 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from workers.serve.lora import AdapterFormatError, LoraAdapter, MultiLoraLinear
+import torch
+
+from workers.serve.lora import SPARSE_DTYPES, AdapterFormatError, LoraAdapter, LoraBatch, MultiLoraLinear
+from workers.serve.pool import PagePool
+
+Shape = tuple[int, int]
 
 
 @dataclass
 class _Resident:
     slot: int
     adapter: LoraAdapter
+    ranges: dict[Shape, tuple[int, int]]  # pool → (start, pages)
     refs: int = 0
-    doomed: bool = False  # evicted while in use: free the slot on the last release
+    doomed: bool = False  # evicted while in use: free it on the last release
 
 
 class DeviceSlots:
-    def __init__(self, modules: dict[str, MultiLoraLinear], slots: int, max_rank: int):
+    def __init__(self, modules: dict[str, MultiLoraLinear], slots: int, max_rank: int, *,
+                 max_bytes: int | None = None, dtype: torch.dtype = torch.float32):
         self._modules = modules
-        self.max_rank = max_rank
-        self.capacity = slots - 1  # slot 0 is the all-zero "no adapter" slot
+        self.max_rank, self.max_bytes, self.dtype = max_rank, max_bytes, dtype
+        self.capacity = slots - 1  # slot 0 is "no adapter"
+        device = next(iter(modules.values())).base.weight.device if modules else torch.device("cpu")
+        self.pools: dict[Shape, PagePool] = {}
+        for i, module in enumerate(modules.values()):
+            shape = (module.in_features, module.out_features)
+            if shape not in self.pools:
+                self.pools[shape] = PagePool(*shape, dtype, device)
+            module.attach(self, i, self.pools[shape])
+        # Per wrapped layer and slot: where the adapter's pages start, its rank, its bias page.
+        self._starts = torch.zeros(len(modules), slots, dtype=torch.long)
+        self._ranks = torch.zeros(len(modules), slots, dtype=torch.long)
+        self._bias = torch.zeros(len(modules), slots, dtype=torch.long)
+        self.current: LoraBatch | None = None  # what the wrapped layers apply (Engine._prepare)
+        self.generation = 0  # bumped when pools move: batches built before are stale
         self._free = list(range(slots - 1, 0, -1))
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
         self._pinned: set[str] = set()  # adapter ids
+        self.checks: list = []  # more refusals, e.g. workers.serve.methods.RowMethods.check
         self._lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_seconds_total": 0.0}
 
+    # ---- sizing -------------------------------------------------------------------------------
+
+    def pages_needed(self, adapter: LoraAdapter) -> dict[Shape, int]:
+        """Pages per pool: the rank of every wrapped layer the adapter targets, one per bias."""
+        need: dict[Shape, int] = {}
+        for name, module in self._modules.items():
+            n = (adapter.weights[name][0].shape[1] if name in adapter.weights else 0) + (name in adapter.biases)
+            if n:
+                shape = (module.in_features, module.out_features)
+                need[shape] = need.get(shape, 0) + n
+        return need
+
+    def bytes_needed(self, adapter: LoraAdapter) -> int:
+        return sum(n * self.pools[shape].page_bytes for shape, n in self.pages_needed(adapter).items())
+
+    def usage(self) -> dict:
+        """Bytes of the budget in use and free, bytes the pools hold, adapters resident."""
+        with self._lock:
+            used = sum(p.used * p.page_bytes for p in self.pools.values())
+            return {"adapters": sum(not r.doomed for r in self._resident.values()),
+                    "max_adapters": self.capacity, "bytes_used": used,
+                    "bytes_budget": self.max_bytes,
+                    "bytes_free": None if self.max_bytes is None else self.max_bytes - used,
+                    "bytes_allocated": sum(p.allocated_bytes for p in self.pools.values())}
+
+    # ---- admission ----------------------------------------------------------------------------
+
     def check(self, adapter: LoraAdapter) -> None:
-        """Refuse what the stacks cannot hold, at load and again before a request is queued:
-        the rank, module names, and every tensor's shape against the base's module."""
+        """Refuse what the pools cannot hold, at load and again before a request is queued:
+        the rank, module names, every tensor's shape against the base's module, the budget."""
         if adapter.rank > self.max_rank:
             raise AdapterFormatError(
                 f"adapter {adapter.adapter_id!r} has rank {adapter.rank}; this replica serves "
@@ -48,8 +99,9 @@ class DeviceSlots:
                 f"or this replica does not wrap: {sorted(unknown)[:3]}")
         for name, (a, b) in adapter.weights.items():
             module = self._modules[name]
-            want_a = (module.in_features, adapter.rank)
-            want_b = (adapter.rank, module.out_features)
+            r = min(a.shape[1], adapter.rank)  # AdaLoRA: each module its own rank, up to the adapter's
+            want_a = (module.in_features, r)
+            want_b = (r, module.out_features)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise AdapterFormatError(
                     f"adapter {adapter.adapter_id!r}: {name} has lora_A {tuple(a.shape[::-1])} and "
@@ -65,9 +117,16 @@ class DeviceSlots:
                 raise AdapterFormatError(
                     f"adapter {adapter.adapter_id!r}: {name}.bias has shape {tuple(bias.shape)}; the "
                     f"base model's layer needs ({module.out_features},)")
+        if self.max_bytes is not None and (need := self.bytes_needed(adapter)) > self.max_bytes:
+            raise AdapterFormatError(
+                f"adapter {adapter.adapter_id!r} needs {need} bytes of device memory; this "
+                f"replica's adapter budget is {self.max_bytes} bytes")
+        for check in self.checks:
+            check(adapter)
 
     def acquire(self, adapter: LoraAdapter) -> int | None:
-        """The adapter's slot with one more reference, or None while every slot is busy."""
+        """The adapter's slot with one more reference, or None while the slots or the bytes it
+        needs are all held by running rows."""
         with self._lock:
             res = self._resident.get(adapter.key)
             if res is not None:  # a doomed one serves requests queued before its eviction
@@ -75,22 +134,38 @@ class DeviceSlots:
                 res.refs += 1
                 self.stats["hits"] += 1
                 return res.slot
+            need = self.pages_needed(adapter)
+            size = sum(n * self.pools[shape].page_bytes for shape, n in need.items())
             slot = self._free.pop() if self._free else self._evict_lru()
             if slot is None:
                 return None
+            while self.max_bytes is not None and self._used() + size > self.max_bytes:
+                freed = self._evict_lru()
+                if freed is None:
+                    self._free.append(slot)
+                    return None
+                self._free.append(freed)
             self.stats["misses"] += 1
             start = time.perf_counter()
+            res = _Resident(slot, adapter, {}, refs=1)
             try:
-                for name, module in self._modules.items():
-                    module.write(slot, *adapter.weights.get(name, (None, None)), adapter.biases.get(name))
-            except BaseException:  # leave no half-written slot behind: zero it, free it
-                for module in self._modules.values():
-                    module.write(slot, None, None)
+                for shape, n in need.items():
+                    res.ranges[shape] = (self._alloc(shape, n, res), n)
+                self._write(res)
+            except BaseException:  # leave nothing half-placed behind
+                self._release_pages(res)
                 self._free.append(slot)
                 raise
             self.stats["load_seconds_total"] += time.perf_counter() - start
-            self._resident[adapter.key] = _Resident(slot, adapter, refs=1)
+            self._resident[adapter.key] = res
             return slot
+
+    def batch(self, slots: list[int]) -> LoraBatch:
+        """What the wrapped layers need for rows using these slots (0: no adapter)."""
+        index = torch.tensor(slots, dtype=torch.long)
+        with self._lock:
+            return LoraBatch(list(self._modules.values()), self._starts[:, index], self._ranks[:, index],
+                             self._bias[:, index], dense=self.dtype not in SPARSE_DTYPES)
 
     def release(self, key: str) -> None:
         with self._lock:
@@ -120,6 +195,81 @@ class DeviceSlots:
         with self._lock:
             return [k for k, r in self._resident.items() if not r.doomed]
 
+    # ---- pages (under the lock) ---------------------------------------------------------------
+
+    def _used(self) -> int:
+        return sum(p.used * p.page_bytes for p in self.pools.values())
+
+    def _alloc(self, shape: Shape, n: int, placing: _Resident) -> int:
+        """``n`` contiguous pages of one pool: free ones, else the pool grows (by half, within
+        the budget), else every pool is compacted first (the budget has room: ``acquire``)."""
+        pool = self.pools[shape]
+        start = pool.alloc(n)
+        if start is not None:
+            return start
+        room = None
+        if self.max_bytes is not None:
+            allocated = sum(p.allocated_bytes - p.page_bytes for p in self.pools.values())
+            room = (self.max_bytes - allocated) // pool.page_bytes
+            if room < n:
+                self._compact(placing)
+                allocated = sum(p.allocated_bytes - p.page_bytes for p in self.pools.values())
+                room = (self.max_bytes - allocated) // pool.page_bytes
+        grow = max(n, pool.pages // 2)
+        pool.grow(pool.pages + (grow if room is None else min(grow, room)))
+        self.generation += 1
+        start = pool.alloc(n)
+        assert start is not None, "a grown pool has the pages"
+        return start
+
+    def _compact(self, placing: _Resident) -> None:
+        """Every pool down to the pages in use, ranges moved to the front (tables follow)."""
+        owners = [*self._resident.values(), placing]
+        for shape, pool in self.pools.items():
+            ranges = {id(r): r.ranges[shape] for r in owners if shape in r.ranges}
+            starts = pool.compact(ranges)
+            for r in owners:
+                if shape in r.ranges:
+                    old, n = r.ranges[shape]
+                    r.ranges[shape] = (starts[id(r)], n)
+                    self._shift(r.slot, shape, starts[id(r)] - old)
+        self.generation += 1
+
+    def _shift(self, slot: int, shape: Shape, delta: int) -> None:
+        for i, module in enumerate(self._modules.values()):
+            if (module.in_features, module.out_features) == shape:
+                if self._ranks[i, slot]:
+                    self._starts[i, slot] += delta
+                if self._bias[i, slot]:
+                    self._bias[i, slot] += delta
+
+    def _write(self, res: _Resident) -> None:
+        """The adapter's weights (scale folded into B) and biases (minus the base's) into its
+        pages, in the order ``pages_needed`` counted them."""
+        adapter, slot = res.adapter, res.slot
+        at = {shape: start for shape, (start, _) in res.ranges.items()}
+        for i, (name, module) in enumerate(self._modules.items()):
+            shape = (module.in_features, module.out_features)
+            pool = self.pools[shape]
+            if name in adapter.weights:
+                a, b = adapter.weights[name]
+                pool.write(at[shape], a.to(pool.device), b.to(pool.device), adapter.scale)
+                self._starts[i, slot], self._ranks[i, slot] = at[shape], a.shape[1]
+                at[shape] += a.shape[1]
+            if name in adapter.biases:  # DeviceSlots.check refused a bias for a layer without one
+                base = module.base.bias.detach().to(device=pool.device, dtype=pool.dtype)
+                pool.write_bias(at[shape], adapter.biases[name].to(device=pool.device, dtype=pool.dtype) - base)
+                self._bias[i, slot] = at[shape]
+                at[shape] += 1
+
+    def _release_pages(self, res: _Resident) -> None:
+        for shape, (start, n) in res.ranges.items():
+            self.pools[shape].free(start, n)
+        res.ranges = {}
+        self._starts[:, res.slot] = 0
+        self._ranks[:, res.slot] = 0
+        self._bias[:, res.slot] = 0
+
     def _evict_lru(self) -> int | None:
         for key, res in self._resident.items():
             if res.refs == 0 and res.adapter.adapter_id not in self._pinned:
@@ -129,8 +279,7 @@ class DeviceSlots:
 
     def _drop(self, key: str, reuse: bool = False) -> int:
         res = self._resident.pop(key)
-        for module in self._modules.values():
-            module.forget(res.slot)
+        self._release_pages(res)
         if not reuse:
             self._free.append(res.slot)
         return res.slot

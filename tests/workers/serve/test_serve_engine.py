@@ -72,10 +72,18 @@ def test_device_slots_evict_at_the_limit_and_reload_unchanged(tiny, prompts):
         assert req.output_ids == tiny.reference(text, name, GREEDY.max_tokens), name
     assert engine.slots.stats["evictions"] == 3
     assert len(engine.slots.resident()) == 2
-    # The byte limit sizes the device tier too: room for two and a half slots gives two.
-    per_slot = sum(m.stack_a[1].nbytes + m.stack_b[1].nbytes for m in engine.modules.values())
-    small = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=8, max_adapter_bytes=per_slot * 5 // 2)
-    assert small.slots.capacity == 2
+    # The byte budget limits the device tier too: each adapter takes what its ranks and layers
+    # need: ad16 + mlp8 + half of ad8 holds two of them, never more bytes than the budget.
+    need = {n: engine.slots.bytes_needed(tiny.adapter(n)) for n in ("ad8", "ad16", "mlp8")}
+    budget = need["ad16"] + need["mlp8"] + need["ad8"] // 2
+    small = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=8, max_adapter_bytes=budget)
+    for name in ("ad8", "ad16", "mlp8"):
+        (req,) = small.generate_batch([text], GREEDY, [tiny.adapter(name)])
+        assert req.output_ids == tiny.reference(text, name, GREEDY.max_tokens), name
+    usage = small.slots.usage()
+    assert small.slots.resident() == ["ad16", "mlp8"] and small.slots.stats["evictions"] == 1
+    assert usage["bytes_used"] == need["ad16"] + need["mlp8"] <= budget == usage["bytes_budget"]
+    assert usage["bytes_allocated"] - sum(p.page_bytes for p in small.slots.pools.values()) <= budget
 
 
 def test_requests_wait_while_every_slot_is_busy(tiny, prompts):
