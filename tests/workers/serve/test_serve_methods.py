@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from workers.serve import synthetic
 from workers.serve.adapters import AdapterCache, AdapterError
 from workers.serve.engine import Engine
 from workers.serve.lora import AdapterFormatError, load_peft_adapter
@@ -311,3 +312,30 @@ def test_methods_bench_runs_quick(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["adapters"] == 16 for r in result["rows"])
     assert result["figures"]["methods"] == len(METHOD_SPECS)
     assert result["figures"]["vs_own_base"] > 0 and result["figures"]["vs_peft_per_request"] > 0
+
+
+def test_dora_and_ia3_on_a_base_with_biases_equal_peft(tiny, methods, tmp_path, prompts):
+    """DoRA scales base + LoRA but not the base's bias; (IA)3 scales the whole output, bias too."""
+    config = type(tiny.config).from_dict(tiny.config.to_dict())
+    config.attention_bias = config.mlp_bias = True
+    specs = {n: METHOD_SPECS[n] for n in ("dora", "ia3")}
+    dirs = random_method_adapters(config, tmp_path, specs)
+
+    def base():  # Transformers initialises biases to zero: give them values that matter
+        model, gen = synthetic.random_llama(config, seed=0), torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(torch.randn(p.shape, generator=gen))
+        return model
+
+    engine = Engine(base(), max_batch=3, max_len=64, adapter_slots=2)
+    texts = prompts([6, 5, 7], seed=26)
+    names = ["dora", None, "ia3"]
+    adapters = [load_peft_adapter(dirs[n], key=n, adapter_id=n) if n else None for n in names]
+    for text, name, req in zip(texts, names, engine.generate_batch(texts, GREEDY, adapters)):
+        model, seq = peft_reference(base(), dirs[name] if name else None), list(text)
+        with torch.inference_mode():
+            for _ in range(GREEDY.max_tokens):
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+        assert req.output_ids == seq[len(text):], name
