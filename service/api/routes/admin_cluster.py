@@ -18,7 +18,14 @@ import httpx
 from fastapi import APIRouter, Query, Request
 
 from service.api.deps import AdminDep, ReadDB
-from service.api.schemas.cluster import ClusterPublic, QueuePublic, ReplicaPublic, RunningJobPublic, ServingPublic, TenantQueuePublic
+from service.api.schemas.cluster import (
+    ClusterPublic,
+    QueuePublic,
+    ReplicaPublic,
+    RunningJobPublic,
+    ServingPublic,
+    TenantQueuePublic,
+)
 from service.ids import now
 from service.jobs import overview
 from service.scheduling import observed
