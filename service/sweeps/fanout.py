@@ -46,12 +46,12 @@ def child_body(base: JobCreate, values: dict[str, Any]) -> JobCreate:
     """The base job with ``values`` set as the method's own hyperparameters (they win over the
     top-level OpenAI ones and over `auto`)."""
     data = base.model_dump(mode="json", exclude_unset=True)
-    method = data.setdefault("method", {"type": "lora"})
-    kind = method.setdefault("type", "lora")
-    params = method.setdefault(kind, {}) or {}
+    method = data.get("method") or {}  # absent, or an explicit null: the default LoRA
+    kind = method["type"] = method.get("type") or "lora"
+    params = method.get(kind) or {}
+    params["hyperparameters"] = {**(params.get("hyperparameters") or {}), **values}
     method[kind] = params
-    hp = params.setdefault("hyperparameters", {}) or {}
-    params["hyperparameters"] = {**hp, **values}
+    data["method"] = method
     return JobCreate.model_validate(data)
 
 

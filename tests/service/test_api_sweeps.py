@@ -63,6 +63,17 @@ def test_a_rank_sweep_fans_out_and_reports_the_comparison_table(client, app, ten
     assert [s["id"] for s in listed["data"]] == [sweep["id"]] and listed["data"][0]["best"]["values"] == {"r": 4}
 
 
+@pytest.mark.parametrize("method", [None, {"type": "qlora"}, {"type": "lora", "lora": None},
+                                    {"type": "lora", "lora": {"hyperparameters": None}}])
+def test_a_base_without_method_hyperparameters_takes_the_varied_ones(client, tenant, method):
+    file_id = uploaded_file(client, tenant)
+    r = _sweep(client, tenant, file_id, [{"name": "r", "values": [2, 4]}], method=method)
+    assert r.status_code == 201, r.text
+    kind = (method or {}).get("type", "lora")
+    jobs = {j["id"]: j for j in _jobs(client, tenant)}
+    assert [jobs[c["job_id"]]["method"][kind]["hyperparameters"]["r"] for c in r.json()["children"]] == [2, 4]
+
+
 def test_two_parameters_make_every_combination(client, tenant):
     file_id = uploaded_file(client, tenant)
     r = _sweep(client, tenant, file_id, [{"name": "r", "values": [4, 8]},
