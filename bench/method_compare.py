@@ -131,7 +131,7 @@ def main() -> None:
                 failed[method] = out.stderr.strip().splitlines()[-1:]
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  trained {method} in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+            print(f"  trained {method} in {time.monotonic() - t0:.0f} s: {rows[-1]}", file=sys.stderr, flush=True)
         served = True
         try:
             served_tokens_per_s(store, rows, rounds=1 if args.quick else 2, reps=2 if args.quick else 3)
