@@ -28,6 +28,7 @@ from workers.serve.lora import (
     LoraAdapter,
     parse_peft_adapter,
 )
+from workers.serve.methods import check_manifest_method
 from workers.serve.slots import DeviceSlots
 from workers.spec import AdapterManifest
 from workers.storage import ObjectNotFound, ObjectStore, StorageError, get_bytes
@@ -202,6 +203,7 @@ class AdapterCache:
         try:
             adapter = parse_peft_adapter(blobs[ADAPTER_CONFIG], blobs[ADAPTER_WEIGHTS], key=key,
                                          adapter_id=adapter_id, dtype=self.dtype)
+            check_manifest_method(manifest.method, adapter)
             if self.device is not None:
                 self.device.check(adapter)
         except AdapterFormatError as exc:

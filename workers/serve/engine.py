@@ -22,6 +22,7 @@ from torch import nn
 
 from workers.serve.kv import PagedKVCache
 from workers.serve.lora import DEFAULT_WRAPPED, LoraAdapter, wrap_model
+from workers.serve.methods import RowMethods
 from workers.serve.sampling import SamplingParams, choose, row_seed
 from workers.serve.slots import DeviceSlots
 
@@ -157,6 +158,9 @@ class Engine:
         slots = adapter_slots + 1  # slot 0: rows without an adapter
         self.modules = wrap_model(model, targets=wrap)
         self.slots = DeviceSlots(self.modules, slots, max_rank, max_bytes=max_adapter_bytes, dtype=lora_dtype)
+        # (IA)3 and DoRA rows around the LoRA layers; their shapes are refused like LoRA's
+        self.methods = RowMethods(model, self.modules, slots)
+        self.slots.checks.append(self.methods.check)
         # KV memory is a token budget (default: what max_batch rows of max_len used to reserve);
         # max_batch only caps the rows.
         kv_tokens = max_batch * max_len if kv_tokens is None else kv_tokens
@@ -199,6 +203,10 @@ class Engine:
             raise InvalidPrompt("the prompt is empty")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:  # would fail the batch's forward
             raise InvalidPrompt(f"prompt token ids must be in [0, {self.vocab_size})")
+        if adapter is not None and adapter.parts is not None:  # prompt / P- / prefix tuning
+            self.methods.check(adapter)  # in our words, before the hooks' own shape checks
+            prefix_kv = adapter.parts.prefix_kv() if prefix_kv is None else prefix_kv
+            prompt_embeds = adapter.parts.virtual if prompt_embeds is None else prompt_embeds
         self._check_virtual(prefix_kv, prompt_embeds)
         req = Request(next(self._ids), list(prompt_ids), params, adapter, on_event, seed=row_seed(params),
                       prefix_kv=prefix_kv, prompt_embeds=prompt_embeds)
@@ -351,6 +359,7 @@ class Engine:
             return
         self._composition = composition
         self.slots.current = self.slots.batch(rows)
+        self.methods.prepare([(r.slot, r.adapter) for r in reqs], torch.tensor(rows, device=self.device))
 
     def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``inputs``: token ids, or input embeddings (floating point) when virtual tokens are in."""

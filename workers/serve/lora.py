@@ -21,10 +21,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from workers.serve.methods import MethodParts
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +55,27 @@ class LoraAdapter:
     scale: float
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     biases: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    method: str = "lora"  # workers.serve.methods.METHODS: "dora", "adalora", "ia3", ...
+    parts: MethodParts | None = field(default=None, repr=False)  # what the other methods add
 
     @property
     def modules(self) -> set[str]:
-        return set(self.weights) | set(self.biases)
+        return set(self.weights) | set(self.biases) | (self.parts.modules if self.parts else set())
 
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                    for a, b in self.weights.values()) + sum(t.numel() * t.element_size()
-                                                            for t in self.biases.values())
+                                                            for t in self.biases.values()) + (
+            self.parts.nbytes if self.parts else 0)
+
+
+def rewrites_base(config: dict) -> bool:
+    """PiSSA/OLoRA (CorDA, LoftQ) adapters saved as trained pair with a base whose weights they
+    changed; on the shared base only their conversion to a plain LoRA (rank 2r, PEFT's
+    ``path_initial_model_for_weight_conversion``, config ``init_lora_weights: true``) is right."""
+    init = str(config.get("init_lora_weights", "")).lower()
+    return init.startswith(("pissa", "olora", "corda", "loftq")) or bool(config.get("loftq_config"))
 
 
 def _peft_module_name(key: str) -> tuple[str, str]:
@@ -103,14 +118,18 @@ def parse_peft_adapter(config_json: bytes, safetensors: bytes, *, key: str, adap
                                  f"{ADAPTER_WEIGHTS} is corrupt") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"adapter {adapter_id!r}: {ADAPTER_CONFIG} is not a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"adapter {adapter_id!r} is {config.get('peft_type')}, not LORA")
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        from workers.serve.methods import parse_method  # imports this module
+
+        return parse_method(config, tensors, key=key, adapter_id=adapter_id, dtype=dtype)
+    unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save")
                    if config.get(k)]
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         unsupported.append("bias")
     if config.get("lora_bias"):  # a bias on lora_B: not served (nor trainable through our API)
         unsupported.append("lora_bias")
+    if rewrites_base(config):
+        unsupported.append("init_lora_weights")
     if unsupported:
         raise AdapterFormatError(f"adapter {adapter_id!r} uses unsupported LoRA options: {unsupported}")
     try:
