@@ -20,7 +20,9 @@ from console_helpers import INSTALL_HINT, chromium_path  # noqa: E402
 from live_stack import LiveStack, start_stack  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+# Per module: sync_playwright keeps an asyncio loop running in this thread until it closes, so
+# a session-long browser would break every later test that calls asyncio.run.
+@pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
