@@ -14,10 +14,8 @@ from service.catalog import repository as catalog
 from service.db.models import Adapter, Operation
 from service.errors import ValidationFailed
 from service.exports.repository import create_operation
+from workers.spec import VIRTUAL_TOKEN_METHODS
 from workers.storage import ObjectNotFound, ObjectStore, get_bytes
-
-# Methods that learn virtual tokens put before the prompt: nothing to merge into the base.
-UNMERGEABLE_METHODS = frozenset({"prefix_tuning", "prompt_tuning", "p_tuning"})
 # LoRA-family methods: their adapters are A/B pairs that PEFT's add_weighted_adapter combines
 # and the serving engine stacks (a live blend). AdaLoRA's per-layer ranks are not served.
 BLENDABLE_METHODS = frozenset({"lora", "qlora"})
@@ -45,7 +43,7 @@ def create_export(session: Session, *, tenant_id: str, adapter_id: str, dtype: s
                   max_shard_size: str) -> Operation:
     adapter = catalog.get_adapter_for_tenant(session, tenant_id=tenant_id, adapter_id=adapter_id,
                                              param="adapter_id")
-    if adapter.method in UNMERGEABLE_METHODS:
+    if adapter.method in VIRTUAL_TOKEN_METHODS:  # virtual tokens: nothing to merge into the base
         raise ValidationFailed(
             f"adapter {adapter_id!r} was trained with {adapter.method}, which learns virtual tokens "
             f"put before the prompt, not weight updates: there is nothing to merge into the base "
