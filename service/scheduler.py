@@ -250,7 +250,8 @@ class Scheduler:
                     if row is not None and row.status == states.PAUSING:
                         step = row.last_checkpoint_step or 0
                         try:
-                            states.transition(s, row, states.PAUSED, message=f"Job paused at step {step}")
+                            states.transition(s, row, states.PAUSED, message=f"Job paused at step {step}",
+                                              paused_runs=row.paused_runs + 1)
                         except InvalidTransition:
                             pass
                 changed = True
@@ -312,14 +313,14 @@ class Scheduler:
             if job is None or job.status != states.RUNNING:
                 return  # the result landed meanwhile
             try:
-                if job.attempts < self.settings.max_job_attempts:
+                if job.attempts - job.paused_runs < self.settings.max_job_attempts:
                     states.transition(s, job, states.QUEUED, message=(
                         f"The training run stopped unexpectedly; requeued, resuming from step "
                         f"{job.last_checkpoint_step or 0}"))
                 else:
                     states.transition(s, job, states.FAILED, error_code="worker_lost",
                                       error_message=f"the training run stopped unexpectedly "
-                                      f"{job.attempts} times",
+                                      f"{job.attempts - job.paused_runs} times",
                                       message="Job failed: training runs kept crashing")
             except InvalidTransition:
                 pass

@@ -164,6 +164,8 @@ class Job(Base):
     fine_tuned_model: Mapped[str | None] = mapped_column(String(200))
     # Ray bookkeeping: submission_id is the job id; attempts counts (re)submissions.
     attempts: Mapped[int] = mapped_column(default=0)
+    # Of those, runs that ended at a pause: a resume is not a crash retry (max_job_attempts).
+    paused_runs: Mapped[int] = mapped_column(default=0, server_default="0")
     trained_tokens: Mapped[int | None]
     last_checkpoint_step: Mapped[int | None]
     estimated_finish: Mapped[int | None]

@@ -55,3 +55,28 @@ def test_a_run_that_does_not_stop_within_the_grace_is_stopped(world):  # noqa: F
     w.tick(advance_s=PAUSE_GRACE_S)
     assert w.job(job_id).status == states.PAUSED
     assert w.cluster.state(submission_id(job_id, 1)).terminal
+
+
+def test_resumes_do_not_spend_the_jobs_crash_retries(world):  # noqa: F811
+    w = world(duration=lambda _: 10_000.0, max_job_attempts=2)
+    (job_id,) = w.queue(w.tenant("a"))
+    for run in range(1, 4):  # paused and resumed three times: more runs than max_job_attempts
+        assert w.tick() == [job_id]
+        _do(w, pause_job, job_id)
+        w.cluster.stop(submission_id(job_id, run))
+        w.tick()
+        assert w.job(job_id).status == states.PAUSED
+        _do(w, resume_job, job_id)
+    assert w.tick() == [job_id]
+    assert (w.job(job_id).attempts, w.job(job_id).paused_runs) == (4, 3)
+    w.cluster.stop(submission_id(job_id, 4))  # the run crashes: its first crash, so requeued
+    w.tick()
+    assert w.job(job_id).status in (states.QUEUED, states.RUNNING)
+    if w.job(job_id).status == states.QUEUED:
+        w.tick()
+    assert w.job(job_id).attempts == 5
+    w.cluster.stop(submission_id(job_id, 5))  # the second crash: max_job_attempts reached
+    w.tick()
+    failed = w.job(job_id)
+    assert (failed.status, failed.error_code) == (states.FAILED, "worker_lost")
+    assert "2 times" in failed.error_message
