@@ -31,18 +31,23 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("LORAFLEET_MODEL_CACHE", Path.home() / ".cache" / "lorafleet" / "models"))
 
 
-def file_digests(directory: Path) -> dict[str, str]:
+def file_sha256s(directory: Path, *, skip: str | None = None) -> dict[str, tuple[str, int]]:
+    """{relative path: (sha256, bytes)} of every file under ``directory`` but ``skip``."""
     out = {}
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
-        if rel == MODEL_INDEX:
+        if rel == skip:
             continue
         sha = hashlib.sha256()
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 sha.update(chunk)
-        out[rel] = sha.hexdigest()
+        out[rel] = (sha.hexdigest(), path.stat().st_size)
     return out
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    return {rel: sha for rel, (sha, _) in file_sha256s(directory, skip=MODEL_INDEX).items()}
 
 
 def checksum_of(digests: dict[str, str]) -> str:

@@ -12,11 +12,11 @@ Runnable without Ray: ``python -m workers.ops.export --base DIR --adapter DIR [-
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import torch
 
+from workers.models.registry import file_sha256s
 from workers.spec import FileDigest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,17 +78,8 @@ def write_model(model, tokenizer, out_dir: Path, *, dtype: str = "float32",
 
 
 def digests(directory: Path) -> dict[str, FileDigest]:
-    out = {}
-    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        rel = path.relative_to(directory).as_posix()
-        if rel == MANIFEST:
-            continue
-        sha = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                sha.update(chunk)
-        out[rel] = FileDigest(sha256=sha.hexdigest(), bytes=path.stat().st_size)
-    return out
+    return {rel: FileDigest(sha256=sha, bytes=size)
+            for rel, (sha, size) in file_sha256s(directory, skip=MANIFEST).items()}
 
 
 def export_local(base_dir: Path, adapter_dir: Path, out_dir: Path, *, quantized: bool,
