@@ -60,6 +60,22 @@ ModuleNames = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]
 VirtualTokens = Annotated[int, Field(ge=1, le=512)]
 
 
+def _check_rank_schedule(v: list[list[int]]) -> list[list[int]]:
+    epochs, ranks = [e for e, _ in v], [r for _, r in v]
+    if epochs[0] != 0:
+        raise ValueError("the first stage must start at epoch 0")
+    if any(not 0 <= e <= 49 for e in epochs) or any(not 1 <= r <= 256 for r in ranks):
+        raise ValueError("each stage is [epoch, rank] with epoch in 0-49 and rank in 1-256")
+    if any(a >= b for a, b in zip(epochs, epochs[1:])) or any(a >= b for a, b in zip(ranks, ranks[1:])):
+        raise ValueError("epochs and ranks must both be strictly increasing")
+    return v
+
+
+# [[epoch, rank], ...]: from each epoch on, that rank (docs/API.md, "Progressive rank growth").
+RankSchedule = Annotated[list[Annotated[list[int], Field(min_length=2, max_length=2)]],
+                         Field(min_length=1, max_length=16), AfterValidator(_check_rank_schedule)]
+
+
 class TrainingHyperparameters(_Strict):
     """What every method shares: the optimisation and data settings, with the chapter's defaults.
 
@@ -106,6 +122,14 @@ class Hyperparameters(TrainingHyperparameters):
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     init_lora_weights: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = "default"
     modules_to_save: ModuleNames | None = None
+    # Progressive rank growth; ``r`` is then the final (published) rank: left out, it is set so.
+    rank_schedule: RankSchedule | None = None
+
+    @model_validator(mode="after")
+    def _r_is_the_final_rank(self) -> Hyperparameters:
+        if self.rank_schedule and "r" not in self.model_fields_set:
+            self.r = self.rank_schedule[-1][1]
+        return self
 
     @property
     def alpha(self) -> float:

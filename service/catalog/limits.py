@@ -85,6 +85,8 @@ def check_hyperparameters(base: BaseModelRow, hp: TrainingHyperparameters, *, pa
 
 
 def _check_lora(base: BaseModelRow, facts: ModelFacts, hp: Hyperparameters, method: str, refuse) -> None:
+    if hp.rank_schedule:
+        _check_rank_schedule(base, hp, refuse)
     doubled = hp.init_lora_weights in REWRITES_BASE
     if (2 * hp.r if doubled else hp.r) > base.max_rank:
         why = f" (init_lora_weights={hp.init_lora_weights!r} publishes rank 2r)" if doubled else ""
@@ -109,6 +111,25 @@ def _check_lora(base: BaseModelRow, facts: ModelFacts, hp: Hyperparameters, meth
                                     "or another initialisation")
     if hp.init_lora_weights == "orthogonal" and hp.r % 2:
         refuse("r", "init_lora_weights='orthogonal' needs an even r")
+
+
+def _check_rank_schedule(base: BaseModelRow, hp: Hyperparameters, refuse) -> None:
+    """Progressive rank growth (workers.train.rank_growth) pads B with zero columns and A with
+    rows drawn at the start, so that each switch keeps the model's function; the final stage must
+    be reached, since the published adapter has the final rank, ``r``."""
+    (last_epoch, final), field = hp.rank_schedule[-1], "rank_schedule"
+    if final > base.max_rank:
+        refuse(field, f"rank_schedule grows to rank {final}, above the maximum rank {base.max_rank} of {base.id}")
+    if hp.r != final:
+        refuse("r", f"r={hp.r} but rank_schedule ends at rank {final}: with a schedule, r is the final "
+                    f"(published) rank; leave r out or set it to {final}")
+    if last_epoch >= hp.n_epochs:
+        refuse(field, f"rank_schedule starts a stage at epoch {last_epoch} (counted from 0), but the job "
+                      f"trains {hp.n_epochs} epochs (n_epochs; when left `auto`, chosen from the training "
+                      f"file): set n_epochs above {last_epoch} or start the stage earlier")
+    if hp.init_lora_weights not in ("default", "gaussian"):
+        refuse(field, f"init_lora_weights={hp.init_lora_weights!r} starts with B non-zero (or rewrites the "
+                      f"base), so adding rank would change the model; use 'default' or 'gaussian'")
 
 
 def _check_ia3(facts: ModelFacts, hp: IA3Hyperparameters, refuse) -> None:

@@ -39,6 +39,7 @@ from workers.storage import ObjectStore, StorageError
 from workers.train import artifacts
 from workers.train.errors import TrainingCancelled, TrainingError, TrainingPaused
 from workers.train.methods import train_method
+from workers.train.rank_growth import rank_at, replace_parameters
 from workers.train.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,7 @@ class _Run:
             return
         step, key = found
         weights, state = artifacts.load_checkpoint(self.store, key)
+        self._reshape(state=state.get("method", {}))  # the shapes it was saved with
         self.method.load_state(self.model, weights, state.get("method", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -231,6 +233,22 @@ class _Run:
         self.emit(f"resumed from checkpoint at step {self.step}", "status", {"step": self.step, "checkpoint": key})
 
     # -- training ------------------------------------------------------------------------------
+    def _reshape(self, **where) -> bool:
+        """The method's parameters of a new shape (``TrainMethod.reshaped``) into the optimizer."""
+        pairs = self.method.reshaped(self.model, **where)
+        if pairs:
+            replace_parameters(self.optimizer, pairs)
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        return bool(pairs)
+
+    def _net(self):
+        """What the steps run: the model, under DDP when data-parallel (rebuilt when it reshapes)."""
+        if self.world.size == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def _batches(self, epoch: int, data: list[Encoded], seed_offset: int = 0) -> list[Batch]:
         return epoch_batches(data, batch_size=self.hp.batch_size, mode=self.hp.batching,
                              max_len=self.hp.max_seq_length, pad_id=self.tokenizer.pad_token_id,
@@ -238,18 +256,20 @@ class _Run:
                              world_size=self.world.size)
 
     def train(self) -> None:
-        from torch.nn.parallel import DistributedDataParallel
-
         ga = self.hp.gradient_accumulation_steps
-        net = self.model
-        if self.world.size > 1:
-            net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        net = self._net()
         log_every = max(1, min(10, self.total_steps // 10))
         self.emit(f"training from step {self.step} of {self.total_steps}", "status",
                   {"step": self.step, "total_steps": self.total_steps, "world_size": self.world.size})
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.monotonic()
         run_start, run_start_step = time.monotonic(), self.step
         for epoch in range(self.step // self.steps_per_epoch, self.hp.n_epochs):
+            if self._reshape(epoch=epoch):
+                net = self._net()
+                rank = rank_at(self.hp.rank_schedule, epoch)
+                self.emit(f"epoch {epoch}: LoRA rank grown to {rank} (rank_schedule)", "status",
+                          {"epoch": epoch, "step": self.step, "rank": rank,
+                           "trainable_params": sum(p.numel() for p in self.params)})
             batches = self._batches(epoch, self.train_set)
             first = (self.step - epoch * self.steps_per_epoch) * ga
             for s in range(first, len(batches), ga):

@@ -1,7 +1,7 @@
 """What each training method adds to the one train loop: a registry from ``method`` to a
 ``TrainMethod`` that builds the PEFT config and hooks the loop where the method needs it.
 
-- LoRA / QLoRA (DoRA, rsLoRA, initialisations): PiSSA and OLoRA move the top singular directions
+- LoRA / QLoRA (DoRA, rsLoRA, initialisations, progressive rank growth: ``rank_growth``): PiSSA and OLoRA move the top singular directions
   out of the base weights into the adapter, so the trained adapter is relative to a *rewritten*
   base. A shared base is never rewritten: at publish the adapter is converted (PEFT's
   ``path_initial_model_for_weight_conversion``) into a plain LoRA of rank 2r relative to the
@@ -34,6 +34,7 @@ from workers.spec import (
     PTuningHyperparameters,
     TrainingHyperparameters,
 )
+from workers.train.rank_growth import RankGrowth, rank_at
 
 
 class TrainMethod:
@@ -56,6 +57,12 @@ class TrainMethod:
     def extra_loss(self, model) -> torch.Tensor | None:
         """A term added to each optimizer step's loss (not reported as train loss)."""
         return None
+
+    def reshaped(self, model, *, epoch: int | None = None, state: dict | None = None) -> list[tuple]:
+        """Parameters this method replaced with new ones of another shape (LoRA's rank growth), as
+        (old, new) pairs: at the start of ``epoch``, or to the shapes a checkpoint's method
+        ``state`` was saved with (before it is loaded). The loop moves the optimizer over."""
+        return []
 
     def after_step(self, model, step: int) -> None:
         """After ``optimizer.step()``, before the gradients are cleared; ``step``: the 0-based index
@@ -103,6 +110,16 @@ class LoraMethod(TrainMethod):
         # Deterministic for a given base (a full SVD / QR), so a resumed run recomputes the same.
         self.initial = ({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
                         if self.hp.init_lora_weights in self.REWRITES_BASE else None)
+        self.growth = RankGrowth(model, self.hp) if self.hp.rank_schedule else None
+
+    def reshaped(self, model, *, epoch: int | None = None, state: dict | None = None) -> list[tuple]:
+        if self.growth is None:
+            return []
+        rank = state["rank"] if state is not None else rank_at(self.hp.rank_schedule, epoch)
+        return self.growth.grow_to(model, rank)
+
+    def state(self, model) -> dict:
+        return {"rank": self.growth.rank} if self.growth is not None else {}
 
     def save(self, model, directory: Path) -> None:
         if self.initial is None:
