@@ -8,9 +8,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # the Stack helper module beside
 from e2e_stack import Stack  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """The whole embedded stack, serving included, on its own local Ray."""
+    """The whole embedded stack, serving included, on its own local Ray: one for every module
+    here (each uses its own tenants), started once."""
     s = Stack(tmp_path_factory.mktemp("stack"))
     s.start()
     yield s

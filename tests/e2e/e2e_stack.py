@@ -75,9 +75,9 @@ class Stack:
         return httpx.Client(base_url=self.url, timeout=60,
                             headers={"Authorization": f"Bearer {self.info['admin_token']}"})
 
-    def tenant(self, name: str) -> httpx.Client:
+    def tenant(self, name: str, **limits) -> httpx.Client:
         with self.admin() as admin:
-            tenant = admin.post("/v1/admin/tenants", json={"name": name}).raise_for_status().json()
+            tenant = admin.post("/v1/admin/tenants", json={"name": name, **limits}).raise_for_status().json()
             key = admin.post(f"/v1/admin/tenants/{tenant['id']}/api_keys", json={}).raise_for_status().json()
         client = httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {key['key']}"})
         client.tenant_id = tenant["id"]  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ OWN = {"ia3": {"quantization": "nf4"}, "adalora": {"init_r": 8, "target_r": 4, "
 @pytest.fixture(scope="module")
 def trained(stack):
     """{method: (job, adapter id)} for one job of each method, all created before any finished."""
-    client = stack.tenant("methods")
+    client = stack.tenant("methods", max_concurrent_jobs=4)  # seven short jobs: overlap their start-up
     data = b"".join((DEMO / "pirate_chat.jsonl").read_bytes().splitlines(keepends=True)[:24])
     file_id = client.post("/v1/files", files={"file": ("pirate.jsonl", data)},
                           data={"purpose": "fine-tune"}).raise_for_status().json()["id"]
