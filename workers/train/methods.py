@@ -1,11 +1,12 @@
 """What each training method adds to the one train loop: a registry from ``method`` to a
 ``TrainMethod`` that builds the PEFT config and hooks the loop where the method needs it.
 
-- LoRA / QLoRA (DoRA, rsLoRA, initialisations, progressive rank growth: ``rank_growth``): PiSSA and OLoRA move the top singular directions
+- LoRA / QLoRA (DoRA, rsLoRA, initialisations): PiSSA and OLoRA move the top singular directions
   out of the base weights into the adapter, so the trained adapter is relative to a *rewritten*
   base. A shared base is never rewritten: at publish the adapter is converted (PEFT's
   ``path_initial_model_for_weight_conversion``) into a plain LoRA of rank 2r relative to the
-  original base, which is what serving and ``PeftModel.from_pretrained`` apply.
+  original base, which is what serving and ``PeftModel.from_pretrained`` apply. With a
+  ``rank_schedule`` the adapter's A and B grow at epoch boundaries (``workers.train.rank_growth``).
 - AdaLoRA: ``update_and_allocate`` after each optimizer step (its budget schedule needs the
   job's total steps), and its orthogonal regulariser added to the loss (PEFT adds it only when
   the model computes the loss itself; the loop computes it from selected logits).
