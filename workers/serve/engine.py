@@ -358,8 +358,8 @@ class Engine:
         if composition == self._composition:
             return
         self._composition = composition
-        self.slots.current = self.slots.batch(rows)
         self.methods.prepare([(r.slot, r.adapter) for r in reqs], torch.tensor(rows, device=self.device))
+        self.slots.current = self.slots.batch(rows, self.methods.input_scaled())
 
     def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``inputs``: token ids, or input embeddings (floating point) when virtual tokens are in."""

@@ -15,6 +15,7 @@ over them, masked per row.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -62,8 +63,10 @@ class LoraAdapter:
     def modules(self) -> set[str]:
         return set(self.weights) | set(self.biases) | (self.parts.modules if self.parts else set())
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        # Cached: the host tier sums it over every adapter it holds at each insert (256 adapters
+        # of 32 tensors each were milliseconds of Python under the GIL the engine thread needs).
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                    for a, b in self.weights.values()) + sum(t.numel() * t.element_size()
                                                             for t in self.biases.values()) + (
@@ -185,20 +188,69 @@ def _checked(adapter_id: str, name: str, t: torch.Tensor, dtype: torch.dtype, di
 SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
+# Wrapped layers that read the same input: grouped, they take one sampled matmul and one
+# embedding_bag for the group (and, for plain linear bases, one base matmul over their
+# concatenated weights), a third of the calls per decoder layer for q/k/v.
+SIBLINGS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
+def sibling_units(modules: dict[str, MultiLoraLinear]) -> list[list[int]]:
+    """Indices of ``modules`` (in order) grouped into units: q/k/v and gate/up of one block whose
+    layers have the same shape (they share a page pool, so an adapter's pages of the unit are
+    one contiguous range); every other layer alone."""
+    units, open_units = [], {}
+    for i, (name, module) in enumerate(modules.items()):
+        parent, _, child = name.rpartition(".")
+        family = next((k for k, names in enumerate(SIBLINGS) if child in names), None)
+        key = (parent, family, module.in_features, module.out_features)
+        if family is not None and key in open_units:
+            units[open_units[key]].append(i)
+        else:
+            open_units[key] = len(units)
+            units.append([i])
+    return units
+
+
+def fuse_bases(unit: list[MultiLoraLinear]) -> None:
+    """One weight for a unit of plain ``nn.Linear`` bases: each base's weight (and bias) becomes
+    a view of the concatenation, so the unit's base output is one matmul and no memory is added.
+    Quantized or mixed bases keep their own calls."""
+    bases = [m.base for m in unit]
+    if len(unit) < 2 or any(type(b) is not nn.Linear for b in bases) or \
+            len({(b.weight.dtype, b.weight.device, b.bias is None) for b in bases}) > 1:
+        return
+    weight = torch.cat([b.weight.detach() for b in bases])
+    bias = None if bases[0].bias is None else torch.cat([b.bias.detach() for b in bases])
+    at = 0
+    for b in bases:
+        n = b.out_features
+        b.weight = nn.Parameter(weight[at:at + n], requires_grad=False)
+        if bias is not None:
+            b.bias = nn.Parameter(bias[at:at + n], requires_grad=False)
+        at += n
+    for m in unit:
+        m.fused = (weight, bias)
+
+
 class LoraBatch:
     """One batch composition's view of the page pools. ``starts``/``ranks``/``bias_pages``:
     ``(layers, rows)`` int64 on the CPU, a row's range in each wrapped layer's pool and its bias
-    page (0: none). The per-token patterns (a prefill chunk feeds ``T`` tokens per row, a decode
-    step one) are built once per token count, for every layer in one pass."""
+    page (0: none). ``units``: the wrapped layers grouped by shared input (``sibling_units``;
+    singletons where a layer must run alone). The per-token patterns (a prefill chunk feeds
+    ``T`` tokens per row, a decode step one) are built once per token count, for every layer in
+    one pass: each unit's bags are ordered (token row, member), so its ``embedding_bag`` output
+    viewed ``(rows, sum of widths)`` is the members' outputs side by side."""
 
     def __init__(self, modules: list[MultiLoraLinear], starts: torch.Tensor, ranks: torch.Tensor,
-                 bias_pages: torch.Tensor, *, dense: bool):
+                 bias_pages: torch.Tensor, *, dense: bool, units: list[list[int]] | None = None):
         self._modules, self._dense = modules, dense
+        self._units = [[modules[i] for i in u] for u in (units or [[i] for i in range(len(modules))])]
         self._starts, self._ranks, self._bias = starts, ranks, bias_pages
         self._plans: dict[int, list[tuple]] = {}
 
     def plan(self, tokens: int) -> list[tuple]:
-        """Per layer: (LoRA operands or None, per-row bias (rows, 1, out) or None)."""
+        """Per wrapped layer: its unit's (members, LoRA operands or None, per-row bias
+        (rows, 1, members' widths) or None); the members of a unit share one tuple."""
         plan = self._plans.get(tokens)
         if plan is None:
             plan = self._plans[tokens] = self._build(tokens)
@@ -207,39 +259,54 @@ class LoraBatch:
     def _build(self, tokens: int) -> list[tuple]:
         ranks = self._ranks.repeat_interleave(tokens, 1) if tokens > 1 else self._ranks
         starts = self._starts.repeat_interleave(tokens, 1) if tokens > 1 else self._starts
-        layers, rows = ranks.shape
-        crow = torch.zeros(layers, rows + 1, dtype=torch.long)
-        torch.cumsum(ranks, 1, out=crow[:, 1:])
-        flat = ranks.flatten()
-        total = int(crow[:, -1].sum())
-        # Column of every stored entry: its row's start plus its place within the row's range.
-        first = torch.cumsum(flat, 0) - flat
-        col = (starts.flatten().repeat_interleave(flat, output_size=total) + torch.arange(total)
+        rows = ranks.shape[1]
+        # Bags in unit order, (row, member) within a unit: an index into the flat tables.
+        index = torch.cat([(torch.tensor([m.index for m in unit])[None, :] * rows
+                            + torch.arange(rows)[:, None]).flatten() for unit in self._units])
+        flat, first_page = ranks.flatten()[index], starts.flatten()[index]
+        ends = torch.cumsum(flat, 0)
+        total = int(ends[-1]) if len(ends) else 0
+        first = ends - flat  # each bag's first entry
+        # Column of every stored entry: its bag's first page plus its place within the bag.
+        col = (first_page.repeat_interleave(flat, output_size=total) + torch.arange(total)
                - first.repeat_interleave(flat, output_size=total))
-        nnz = crow[:, -1].tolist()
+        bags = [len(u) * rows for u in self._units]
+        bag_at = [0]
+        for n in bags:
+            bag_at.append(bag_at[-1] + n)
+        entry_at = [0] + ends[torch.tensor(bag_at[1:]) - 1].tolist() if total else [0] * len(bag_at)
         has_bias = self._bias.any(1).tolist()
         device = self._modules[0].pool.device if self._modules else torch.device("cpu")
-        crow_d, col_d = crow.to(device), col.to(device)
-        plan, at = [], 0
-        for i, module in enumerate(self._modules):
-            pool, n = module.pool, nnz[i]
-            bias = (pool.b.index_select(0, self._bias[i].to(device)).unsqueeze(1) if has_bias[i] else None)
-            cols = col_d[at:at + n]
-            at += n
+        col_d, first_d = col.to(device), first.to(device)
+        plan: list[tuple | None] = [None] * len(self._modules)
+        for u, unit in enumerate(self._units):
+            pool, members = unit[0].pool, len(unit)
+            b0, b1, e0, e1 = bag_at[u], bag_at[u + 1], entry_at[u], entry_at[u + 1]
+            bias = None
+            if any(has_bias[m.index] for m in unit):
+                pages = self._bias[[m.index for m in unit]].t().reshape(-1).to(device)
+                bias = pool.b.index_select(0, pages).view(len(pages) // members, 1, -1)
+            n = e1 - e0
             if n == 0:
-                plan.append((None, bias))
-            elif self._dense:
+                lora = None
+            elif self._dense:  # (units are single layers for half-precision pools)
+                cols = col_d[e0:e1]
                 # The batch's distinct pages once, and which of them each row uses.
                 pages, which = torch.unique(cols, return_inverse=True)
-                row = torch.repeat_interleave(torch.arange(rows, device=device), ranks[i].to(device),
+                row = torch.repeat_interleave(torch.arange(rows, device=device), flat[b0:b1].to(device),
                                               output_size=n)
                 mask = torch.zeros(rows, len(pages), dtype=pool.dtype, device=device)
                 mask[row, which] = 1
-                plan.append((("dense", pool.a.index_select(0, pages), pool.b.index_select(0, pages), mask), bias))
+                lora = ("dense", pool.a.index_select(0, pages), pool.b.index_select(0, pages), mask)
             else:
-                pattern = torch.sparse_csr_tensor(crow_d[i], cols, torch.ones(n, dtype=pool.dtype, device=device),
+                offsets = first_d[b0:b1] - e0
+                crow = torch.cat([offsets[::members], torch.tensor([n], device=device)])
+                pattern = torch.sparse_csr_tensor(crow, col_d[e0:e1], torch.ones(n, dtype=pool.dtype, device=device),
                                                   (rows, pool.pages), check_invariants=False)
-                plan.append((("sparse", pattern, cols, crow_d[i, :-1]), bias))
+                lora = ("sparse", pattern, col_d[e0:e1], offsets)
+            entry = (unit, lora, bias)
+            for m in unit:
+                plan[m.index] = entry
         return plan
 
 
@@ -247,7 +314,11 @@ class MultiLoraLinear(nn.Module):
     """base(x) + x A_row (scale_row B_row) for every row of the batch, from the page pool of its
     shape; plus, when the base layer has a bias, each row's trained bias minus the base's (zero
     for rows whose adapter did not train it). ``workers.serve.slots.DeviceSlots`` attaches the
-    pool and publishes the current ``LoraBatch``."""
+    pool and publishes the current ``LoraBatch``.
+
+    Layers of one unit (q/k/v, gate/up) are computed together by whichever of them is called
+    first; the others find their output waiting for the same input tensor (``_stash``), and
+    compute their unit again, for themselves, if their input is another tensor."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -256,33 +327,63 @@ class MultiLoraLinear(nn.Module):
         self.has_bias = getattr(base, "bias", None) is not None
         self.index = -1
         self.pool = self.owner = None
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fuse_bases
+        self._stash: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, owner, index: int, pool) -> None:
         self.owner, self.index, self.pool = owner, index, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        stash = self._stash
+        if stash is not None:
+            self._stash = None
+            if stash[0] is x:
+                return stash[1]
         batch = self.owner.current
         if batch is None:
-            return y
-        lora, bias = batch.plan(x.shape[1] if x.dim() == 3 else 1)[self.index]
+            return self.base(x)
+        unit, lora, bias = batch.plan(x.shape[1] if x.dim() == 3 else 1)[self.index]
+        if len(unit) == 1:
+            outs = [self.base(x)]
+            y = outs[0]
+        elif self.fused is not None:
+            y = F.linear(x, *self.fused)
+            outs = list(y.split([m.out_features for m in unit], -1))
+        else:
+            outs = [m.base(x) for m in unit]
+            y = None
         if bias is not None:
-            y = y + bias.to(y.dtype)
-        if lora is None:
-            return y
-        pool = self.pool
-        x2 = x.reshape(-1, self.in_features).to(pool.dtype)
-        y2 = y.reshape(-1, self.out_features)
-        kind, *operands = lora
-        if kind == "sparse":
-            pattern, cols, offsets = operands
-            v = torch.sparse.sampled_addmm(pattern, x2, pool.a.t(), beta=0.0)  # x·A at each row's pages
-            # Σ_pages v · B_page per row: embedding_bag reads the pages in place (faster than SpMM).
-            delta = F.embedding_bag(cols, pool.b, offsets, mode="sum", per_sample_weights=v.values())
-        else:  # dense: the batch's distinct pages, masked per row
-            a, b, mask = operands
-            delta = ((x2 @ a.t()) * mask) @ b
-        return (y2 + delta.to(y.dtype)).view_as(y)
+            if y is None:
+                bias = bias.split([m.out_features for m in unit], -1)
+                outs = [o + b.to(o.dtype) for o, b in zip(outs, bias)]
+            else:
+                y = y + bias.to(y.dtype)
+                outs = list(y.split([m.out_features for m in unit], -1))
+        if lora is not None:
+            pool = self.pool
+            x2 = x.reshape(-1, self.in_features).to(pool.dtype)
+            kind, *operands = lora
+            if kind == "sparse":
+                pattern, cols, offsets = operands
+                v = torch.sparse.sampled_addmm(pattern, x2, pool.a.t(), beta=0.0)  # x·A at each row's pages
+                # Σ_pages v · B_page per (row, member): embedding_bag reads the pages in place.
+                delta = F.embedding_bag(cols, pool.b, offsets, mode="sum", per_sample_weights=v.values())
+            else:  # dense: the batch's distinct pages, masked per row
+                a, b, mask = operands
+                delta = ((x2 @ a.t()) * mask) @ b
+            delta = delta.to(outs[0].dtype).view(x2.shape[0], len(unit), pool.out_features)
+            if y is not None and len(unit) > 1:
+                y = y.view(-1, len(unit) * pool.out_features).add_(delta.view(x2.shape[0], -1)).view(y.shape)
+                outs = list(y.split([m.out_features for m in unit], -1))
+            else:
+                outs = [o.view(-1, pool.out_features).add_(delta[:, j]).view(o.shape) for j, o in enumerate(outs)]
+        mine = None
+        for m, out in zip(unit, outs):
+            if m is self:
+                mine = out
+            else:
+                m._stash = (x, out)
+        return mine
 
 
 def wrap_model(model: nn.Module, *, targets: Iterable[str] = DEFAULT_WRAPPED) -> dict[str, MultiLoraLinear]:

@@ -331,12 +331,14 @@ class RowMethods:
         self.layers, self.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaled: dict[str, RowScaled] = {}
+        self._places: dict[str, tuple[nn.Module, str]] = {}
         for name, module in modules.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             wrapper = RowScaled(module, slots)
             setattr(parent, child, wrapper)
             self.scaled[name] = wrapper
+            self._places[name] = (parent, child)
         self._occupant: list[str | None] = [None] * slots  # adapter key whose vectors a slot holds
 
     def check(self, adapter: LoraAdapter) -> None:
@@ -369,8 +371,17 @@ class RowMethods:
             if slot and self._occupant[slot] != adapter.key:
                 self._place(slot, adapter)
         rows = [slot for slot, _ in slots_and_adapters]
-        for module in self.scaled.values():
+        for name, module in self.scaled.items():
             module.prepare(rows, rows_t)
+            # A layer no row scales is its inner layer alone in the model: one module call less.
+            parent, child = self._places[name]
+            want = module if module._in is not None or module._out is not None else module.inner
+            if parent._modules[child] is not want:
+                setattr(parent, child, want)
+
+    def input_scaled(self) -> set[str]:
+        """Wrapped layers whose input this batch scales ((IA)3 on feedforward layers)."""
+        return {name for name, module in self.scaled.items() if module._in is not None}
 
     def _place(self, slot: int, adapter: LoraAdapter) -> None:
         parts = adapter.parts or MethodParts()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.serve.lora import SPARSE_DTYPES, AdapterFormatError, LoraAdapter, LoraBatch, MultiLoraLinear
+from workers.serve.lora import (SPARSE_DTYPES, AdapterFormatError, LoraAdapter, LoraBatch, MultiLoraLinear,
+                                fuse_bases, sibling_units)
 from workers.serve.pool import PagePool
 
 Shape = tuple[int, int]
@@ -45,6 +46,13 @@ class DeviceSlots:
             if shape not in self.pools:
                 self.pools[shape] = PagePool(*shape, dtype, device)
             module.attach(self, i, self.pools[shape])
+        # Layers computed together (q/k/v, gate/up): the sparse path only (the dense one masks per row).
+        self.dense = dtype not in SPARSE_DTYPES
+        self.units = [[i] for i in range(len(modules))] if self.dense else sibling_units(modules)
+        listed = list(modules.values())
+        for unit in self.units:
+            fuse_bases([listed[i] for i in unit])
+        self._index = {name: i for i, name in enumerate(modules)}
         # Per wrapped layer and slot: where the adapter's pages start, its rank, its bias page.
         self._starts = torch.zeros(len(modules), slots, dtype=torch.long)
         self._ranks = torch.zeros(len(modules), slots, dtype=torch.long)
@@ -160,12 +168,18 @@ class DeviceSlots:
             self._resident[adapter.key] = res
             return slot
 
-    def batch(self, slots: list[int]) -> LoraBatch:
-        """What the wrapped layers need for rows using these slots (0: no adapter)."""
+    def batch(self, slots: list[int], alone: set[str] = frozenset()) -> LoraBatch:
+        """What the wrapped layers need for rows using these slots (0: no adapter). ``alone``:
+        wrapped layers whose input this batch changes (an (IA)3 input scale): out of their unit."""
         index = torch.tensor(slots, dtype=torch.long)
+        units = self.units
+        if alone:
+            split = {self._index[name] for name in alone}
+            units = [part for unit in units
+                     for part in ([[i] for i in unit] if split.intersection(unit) else [unit])]
         with self._lock:
             return LoraBatch(list(self._modules.values()), self._starts[:, index], self._ranks[:, index],
-                             self._bias[:, index], dense=self.dtype not in SPARSE_DTYPES)
+                             self._bias[:, index], dense=self.dense, units=units)
 
     def release(self, key: str) -> None:
         with self._lock:

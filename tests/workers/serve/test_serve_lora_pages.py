@@ -64,7 +64,7 @@ def test_the_dense_kernel_for_half_precision_pools_equals_peft(tiny, prompts, mo
     names = ["ad16", "ad8", None, "mlp8", "ad8"]
     texts = prompts([5, 7, 4, 9, 6], seed=22)
     outs = engine.generate_batch(texts, GREEDY, [tiny.adapter(n) if n else None for n in names])
-    assert engine.slots.current.plan(1)[0][0][0] == "dense"
+    assert engine.slots.current.plan(1)[0][1][0] == "dense"
     for prompt, name, req in zip(texts, names, outs):
         assert req.output_ids == tiny.reference(prompt, name, GREEDY.max_tokens), name
 

@@ -339,3 +339,28 @@ def test_dora_and_ia3_on_a_base_with_biases_equal_peft(tiny, methods, tmp_path, 
             for _ in range(GREEDY.max_tokens):
                 seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
         assert req.output_ids == seq[len(text):], name
+
+
+def test_an_input_scaled_layer_leaves_its_unit_and_rows_still_equal_peft(tiny, prompts, tmp_path):
+    """q/k/v and gate/up are computed as one unit (one base matmul and one LoRA kernel pair for
+    the unit); an (IA)3 input scale on ``up_proj`` changes that layer's input, so a batch with
+    such a row runs gate/up apart, while LoRA rows on gate/up share the batch."""
+    from workers.serve.synthetic_methods import random_method_adapters
+
+    specs = {"ia3_up": ("IA3Config", dict(target_modules=["k_proj", "up_proj"], feedforward_modules=["up_proj"])),
+             "lora_mlp": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "q_proj", "k_proj"]))}
+    adapters = MethodAdapters.__new__(MethodAdapters)
+    adapters.tiny, adapters._refs = tiny, {}
+    adapters.dirs = random_method_adapters(tiny.config, tmp_path, specs, seed=7)
+    engine = Engine(tiny.base_model(), max_batch=4, max_len=64, adapter_slots=2)
+    grouped = [[list(engine.modules)[i].rsplit(".", 1)[-1] for i in u] for u in engine.slots.units if len(u) > 1]
+    # k/v (q is wider than them: grouped query attention) and gate/up of every layer
+    assert grouped == [["k_proj", "v_proj"], ["gate_proj", "up_proj"]] * tiny.config.num_hidden_layers
+    names = ["lora_mlp", "ia3_up", None, "lora_mlp"]
+    texts = prompts([5, 7, 4, 6], seed=31)
+    outs = engine.generate_batch(texts, GREEDY, [adapters.adapter(n) for n in names])
+    for prompt, name, req in zip(texts, names, outs):
+        assert req.output_ids == adapters.reference(prompt, name), name
+    split = engine.slots.current.plan(1)
+    gate = list(engine.modules).index(next(n for n in engine.modules if n.endswith("mlp.gate_proj")))
+    assert len(split[gate][0]) == 1  # gate/up apart in this batch
