@@ -272,3 +272,47 @@ def test_growth_never_shrinks(tiny_llama_dir):
     m.reshaped(model, epoch=2)
     with pytest.raises(ValueError, match="only grow"):
         m.growth.grow_to(model, 8)
+
+
+def _data_parallel_rank(rank: int, port: int, store_root: str, spec_json: str, out: str) -> None:
+    """One of two gloo processes: train the whole run, then save this rank's adapter tensors."""
+    import torch.distributed as dist
+
+    from workers.spec import TrainJobSpec
+    from workers.storage import LocalStore
+    from workers.train.loop import World, _Run
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        run = _Run(TrainJobSpec.model_validate_json(spec_json), LocalStore(store_root), MemoryReporter(),
+                   "cpu", World(rank=rank, size=2))
+        run.prepare()
+        run.resume()
+        run.train()
+        torch.save({n: p.detach() for n, p in run.model.named_parameters() if p.requires_grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_grow_together_and_stay_in_sync(local_store, tiny_llama_dir, tmp_path):
+    """Under DDP the wrapper is rebuilt at each switch: the new parameters' gradients are
+    all-reduced like the old ones', so both ranks hold the same adapter at the end."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from workers.models.registry import ensure_builtin
+
+    ensure_builtin("lorafleet/tiny-llama", local_store)
+    spec = make_spec(local_store, "job-grow-ddp", validation=False, hp={**_HP, "batch_size": 4})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_data_parallel_rank, args=(port, str(local_store.root), spec.model_dump_json(), str(tmp_path)), nprocs=2)
+    zero, one = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert zero.keys() == one.keys() and zero
+    for name in zero:
+        assert 16 in zero[name].shape and torch.equal(zero[name], one[name]), name
+    assert any(zero[n][:, 8:].any() for n in zero if "lora_B" in n)  # the last stage's columns trained
