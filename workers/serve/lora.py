@@ -250,7 +250,7 @@ class LoraBatch:
 
     def plan(self, tokens: int) -> list[tuple]:
         """Per wrapped layer: its unit's (members, LoRA operands or None, per-row bias
-        (rows, 1, members' widths) or None); the members of a unit share one tuple."""
+        (rows, 1, members' widths) or None, members' widths); a unit's members share one tuple."""
         plan = self._plans.get(tokens)
         if plan is None:
             plan = self._plans[tokens] = self._build(tokens)
@@ -301,10 +301,10 @@ class LoraBatch:
             else:
                 offsets = first_d[b0:b1] - e0
                 crow = torch.cat([offsets[::members], torch.tensor([n], device=device)])
-                pattern = torch.sparse_csr_tensor(crow, col_d[e0:e1], torch.ones(n, dtype=pool.dtype, device=device),
+                pattern = torch.sparse_csr_tensor(crow, col_d[e0:e1], torch.zeros(n, dtype=pool.dtype, device=device),
                                                   (rows, pool.pages), check_invariants=False)
-                lora = ("sparse", pattern, col_d[e0:e1], offsets)
-            entry = (unit, lora, bias)
+                lora = ("sparse", pattern, pattern.values(), pool.a.t(), col_d[e0:e1], offsets)
+            entry = (unit, lora, bias, [m.out_features for m in unit])
             for m in unit:
                 plan[m.index] = entry
         return plan
@@ -342,48 +342,43 @@ class MultiLoraLinear(nn.Module):
         batch = self.owner.current
         if batch is None:
             return self.base(x)
-        unit, lora, bias = batch.plan(x.shape[1] if x.dim() == 3 else 1)[self.index]
+        unit, lora, bias, widths = batch.plan(x.shape[1] if x.dim() == 3 else 1)[self.index]
         if len(unit) == 1:
-            outs = [self.base(x)]
-            y = outs[0]
+            y = self.base(x)
         elif self.fused is not None:
             y = F.linear(x, *self.fused)
-            outs = list(y.split([m.out_features for m in unit], -1))
-        else:
-            outs = [m.base(x) for m in unit]
-            y = None
+        else:  # quantized bases: their outputs side by side
+            y = torch.cat([m.base(x) for m in unit], -1)
         if bias is not None:
-            if y is None:
-                bias = bias.split([m.out_features for m in unit], -1)
-                outs = [o + b.to(o.dtype) for o, b in zip(outs, bias)]
-            else:
-                y = y + bias.to(y.dtype)
-                outs = list(y.split([m.out_features for m in unit], -1))
+            y = y + bias.to(y.dtype)
         if lora is not None:
-            pool = self.pool
-            x2 = x.reshape(-1, self.in_features).to(pool.dtype)
-            kind, *operands = lora
-            if kind == "sparse":
-                pattern, cols, offsets = operands
-                v = torch.sparse.sampled_addmm(pattern, x2, pool.a.t(), beta=0.0)  # x·A at each row's pages
-                # Σ_pages v · B_page per (row, member): embedding_bag reads the pages in place.
-                delta = F.embedding_bag(cols, pool.b, offsets, mode="sum", per_sample_weights=v.values())
-            else:  # dense: the batch's distinct pages, masked per row
-                a, b, mask = operands
-                delta = ((x2 @ a.t()) * mask) @ b
-            delta = delta.to(outs[0].dtype).view(x2.shape[0], len(unit), pool.out_features)
-            if y is not None and len(unit) > 1:
-                y = y.view(-1, len(unit) * pool.out_features).add_(delta.view(x2.shape[0], -1)).view(y.shape)
-                outs = list(y.split([m.out_features for m in unit], -1))
-            else:
-                outs = [o.view(-1, pool.out_features).add_(delta[:, j]).view(o.shape) for j, o in enumerate(outs)]
+            delta = self._delta(x.reshape(-1, self.in_features).to(self.pool.dtype), lora)
+            y = y.reshape(delta.shape).add_(delta.to(y.dtype)).view(y.shape)
+        if len(unit) == 1:
+            return y
         mine = None
-        for m, out in zip(unit, outs):
+        for m, out in zip(unit, y.split(widths, -1)):
             if m is self:
                 mine = out
             else:
                 m._stash = (x, out)
         return mine
+
+    def _delta(self, x2: torch.Tensor, lora: tuple) -> torch.Tensor:
+        """(token rows, unit width): every row's LoRA output for each layer of the unit."""
+        kind, *operands = lora
+        if kind == "sparse":
+            pattern, values, a_t, cols, offsets = operands
+            # x·A at each row's pages, into the pattern's own values (no copy of the pattern per
+            # call); zeroed first, as beta=0 still multiplies what they held (NaN · 0).
+            values.zero_()
+            torch.sparse.sampled_addmm(pattern, x2, a_t, beta=0.0, out=pattern)
+            # Σ_pages v · B_page per (row, layer): embedding_bag reads the pages in place (mode 0:
+            # sum; torch.embedding_bag, not F's, whose argument checks cost more than the kernel).
+            delta = torch.embedding_bag(self.pool.b, cols, offsets, False, 0, False, values)[0]
+            return delta.view(x2.shape[0], -1)
+        a, b, mask = operands  # dense: the batch's distinct pages, masked per row
+        return ((x2 @ a.t()) * mask) @ b
 
 
 def wrap_model(model: nn.Module, *, targets: Iterable[str] = DEFAULT_WRAPPED) -> dict[str, MultiLoraLinear]:
