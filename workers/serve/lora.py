@@ -4,11 +4,13 @@ Every targeted linear layer of the shared base model is wrapped by ``MultiLoraLi
 weights of the adapters resident on the device live in page pools (``workers.serve.pool``): one
 page per rank, so each row of a batch reads exactly its own adapter's ``rank`` pages of a layer,
 and nothing when its adapter does not target it. Per batch composition the engine builds a
-``LoraBatch``: for every layer, a sparse row → pages pattern. The forward is then, per layer, one
-sampled matmul (``x · A`` only at each row's own pages, SDDMM) and one ``embedding_bag`` summing
-each row's B pages weighted by those values, for the whole batch, whatever the number of distinct
-adapters and their ranks: no copy of any weight per row, no padding to the largest rank (Punica's
-BGMV, from torch's own kernels). For half-precision pools, which torch's sparse kernels do not
+``LoraBatch``: for every unit of layers that read the same input (q/k/v, gate/up, each other
+layer alone), a sparse row → pages pattern. The forward is then, per unit, one sampled matmul
+(``x · A`` only at each row's own pages, SDDMM) and one ``embedding_bag`` summing each row's B
+pages weighted by those values, for the whole batch, whatever the number of distinct adapters
+and their ranks: no copy of any weight per row, no padding to the largest rank (Punica's BGMV,
+from torch's own kernels). With 32 distinct adapters on a small model the rows' pages are more
+bytes than the base layers' weights, so on a CPU that path is bound by memory, not FLOPs. For half-precision pools, which torch's sparse kernels do not
 take, the batch gathers its distinct adapters' pages once per composition and runs dense matmuls
 over them, masked per row.
 """

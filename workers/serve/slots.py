@@ -31,6 +31,7 @@ class _Resident:
     ranges: dict[Shape, tuple[int, int]]  # pool → (start, pages)
     refs: int = 0
     doomed: bool = False  # evicted while in use: free it on the last release
+    vector_bytes: int = 0  # DeviceSlots.vector_bytes, counted in the budget while resident
 
 
 class DeviceSlots:
@@ -62,6 +63,7 @@ class DeviceSlots:
         self._free = list(range(slots - 1, 0, -1))
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
         self._pinned: set[str] = set()  # adapter ids
+        self._vector_bytes = 0  # of the resident adapters: (IA)3/DoRA vectors
         self.checks: list = []  # more refusals, e.g. workers.serve.methods.RowMethods.check
         self._lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_seconds_total": 0.0}
@@ -78,13 +80,26 @@ class DeviceSlots:
                 need[shape] = need.get(shape, 0) + n
         return need
 
+    def vector_bytes(self, adapter: LoraAdapter) -> int:
+        """(IA)3 scales and DoRA factors (plus, on layers with a bias, DoRA's bias term) the
+        adapter's slot holds on the device: ``workers.serve.methods.RowScaled`` keeps them in
+        float32 whatever the pools' dtype."""
+        parts = adapter.parts
+        if parts is None:
+            return 0
+        widths = [v.numel() for v in (*parts.ia3_in.values(), *parts.ia3_out.values(), *parts.dora.values())]
+        widths += [v.numel() for name, v in parts.dora.items()
+                   if name in self._modules and self._modules[name].has_bias]
+        return 4 * sum(widths)
+
     def bytes_needed(self, adapter: LoraAdapter) -> int:
-        return sum(n * self.pools[shape].page_bytes for shape, n in self.pages_needed(adapter).items())
+        return sum(n * self.pools[shape].page_bytes
+                   for shape, n in self.pages_needed(adapter).items()) + self.vector_bytes(adapter)
 
     def usage(self) -> dict:
         """Bytes of the budget in use and free, bytes the pools hold, adapters resident."""
         with self._lock:
-            used = sum(p.used * p.page_bytes for p in self.pools.values())
+            used = self._used()
             return {"adapters": sum(not r.doomed for r in self._resident.values()),
                     "max_adapters": self.capacity, "bytes_used": used,
                     "bytes_budget": self.max_bytes,
@@ -143,7 +158,7 @@ class DeviceSlots:
                 self.stats["hits"] += 1
                 return res.slot
             need = self.pages_needed(adapter)
-            size = sum(n * self.pools[shape].page_bytes for shape, n in need.items())
+            size = sum(n * self.pools[shape].page_bytes for shape, n in need.items()) + self.vector_bytes(adapter)
             slot = self._free.pop() if self._free else self._evict_lru()
             if slot is None:
                 return None
@@ -155,7 +170,7 @@ class DeviceSlots:
                 self._free.append(freed)
             self.stats["misses"] += 1
             start = time.perf_counter()
-            res = _Resident(slot, adapter, {}, refs=1)
+            res = _Resident(slot, adapter, {}, refs=1, vector_bytes=self.vector_bytes(adapter))
             try:
                 for shape, n in need.items():
                     res.ranges[shape] = (self._alloc(shape, n, res), n)
@@ -165,6 +180,7 @@ class DeviceSlots:
                 self._free.append(slot)
                 raise
             self.stats["load_seconds_total"] += time.perf_counter() - start
+            self._vector_bytes += res.vector_bytes
             self._resident[adapter.key] = res
             return slot
 
@@ -212,7 +228,7 @@ class DeviceSlots:
     # ---- pages (under the lock) ---------------------------------------------------------------
 
     def _used(self) -> int:
-        return sum(p.used * p.page_bytes for p in self.pools.values())
+        return sum(p.used * p.page_bytes for p in self.pools.values()) + self._vector_bytes
 
     def _alloc(self, shape: Shape, n: int, placing: _Resident) -> int:
         """``n`` contiguous pages of one pool: free ones, else the pool grows (by half, within
@@ -224,11 +240,12 @@ class DeviceSlots:
         room = None
         if self.max_bytes is not None:
             allocated = sum(p.allocated_bytes - p.page_bytes for p in self.pools.values())
-            room = (self.max_bytes - allocated) // pool.page_bytes
+            vectors = self._vector_bytes + placing.vector_bytes  # the budget's part that is not pages
+            room = (self.max_bytes - vectors - allocated) // pool.page_bytes
             if room < n:
                 self._compact(placing)
                 allocated = sum(p.allocated_bytes - p.page_bytes for p in self.pools.values())
-                room = (self.max_bytes - allocated) // pool.page_bytes
+                room = (self.max_bytes - vectors - allocated) // pool.page_bytes
         grow = max(n, pool.pages // 2)
         pool.grow(pool.pages + (grow if room is None else min(grow, room)))
         self.generation += 1
@@ -262,19 +279,24 @@ class DeviceSlots:
         pages, in the order ``pages_needed`` counted them."""
         adapter, slot = res.adapter, res.slot
         at = {shape: start for shape, (start, _) in res.ranges.items()}
+        # The slot's column of each table, written at once (an element write is a torch op each).
+        starts, ranks, bias = ([0] * len(self._modules) for _ in range(3))
         for i, (name, module) in enumerate(self._modules.items()):
             shape = (module.in_features, module.out_features)
             pool = self.pools[shape]
             if name in adapter.weights:
                 a, b = adapter.weights[name]
                 pool.write(at[shape], a.to(pool.device), b.to(pool.device), adapter.scale)
-                self._starts[i, slot], self._ranks[i, slot] = at[shape], a.shape[1]
+                starts[i], ranks[i] = at[shape], a.shape[1]
                 at[shape] += a.shape[1]
             if name in adapter.biases:  # DeviceSlots.check refused a bias for a layer without one
                 base = module.base.bias.detach().to(device=pool.device, dtype=pool.dtype)
                 pool.write_bias(at[shape], adapter.biases[name].to(device=pool.device, dtype=pool.dtype) - base)
-                self._bias[i, slot] = at[shape]
+                bias[i] = at[shape]
                 at[shape] += 1
+        self._starts[:, slot] = torch.tensor(starts)
+        self._ranks[:, slot] = torch.tensor(ranks)
+        self._bias[:, slot] = torch.tensor(bias)
 
     def _release_pages(self, res: _Resident) -> None:
         for shape, (start, n) in res.ranges.items():
@@ -294,6 +316,7 @@ class DeviceSlots:
     def _drop(self, key: str, reuse: bool = False) -> int:
         res = self._resident.pop(key)
         self._release_pages(res)
+        self._vector_bytes -= res.vector_bytes
         if not reuse:
             self._free.append(res.slot)
         return res.slot

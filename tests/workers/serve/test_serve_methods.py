@@ -364,3 +364,23 @@ def test_an_input_scaled_layer_leaves_its_unit_and_rows_still_equal_peft(tiny, p
     split = engine.slots.current.plan(1)
     gate = list(engine.modules).index(next(n for n in engine.modules if n.endswith("mlp.gate_proj")))
     assert len(split[gate][0]) == 1  # gate/up apart in this batch
+
+
+def test_ia3_and_dora_vectors_count_in_the_device_budget(tiny, methods):
+    """The float32 vectors a slot holds for (IA)3 and DoRA are bytes of the budget too."""
+    engine = Engine(tiny.base_model(), max_batch=2, max_len=64, adapter_slots=2)
+    slots = engine.slots
+    ia3, dora = methods.adapter("ia3"), methods.adapter("dora")
+    ia3_vectors = 4 * sum(v.numel() for v in (*ia3.parts.ia3_in.values(), *ia3.parts.ia3_out.values()))
+    assert ia3_vectors > 0 and slots.bytes_needed(ia3) == ia3_vectors  # (IA)3: no pages at all
+    pages = sum(n * slots.pools[s].page_bytes for s, n in slots.pages_needed(dora).items())
+    assert slots.bytes_needed(dora) == pages + 4 * sum(v.numel() for v in dora.parts.dora.values())
+    slots.acquire(ia3)
+    assert slots.usage()["bytes_used"] == ia3_vectors
+    slots.max_bytes = ia3_vectors + slots.bytes_needed(dora) - 1  # the pages fit, the vectors not
+    slots.release(ia3.key)
+    slots.pin("ia3")
+    assert slots.acquire(dora) is None  # ia3 is pinned: no room for dora's vectors
+    slots.pin("ia3", False)
+    assert slots.acquire(dora) is not None and slots.resident() == ["dora"]
+    assert slots.usage()["bytes_used"] == slots.bytes_needed(dora)
