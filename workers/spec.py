@@ -183,19 +183,33 @@ class _VirtualTokenHyperparameters(_Quantizable):
 
 
 class PrefixTuningHyperparameters(_VirtualTokenHyperparameters):
+    """Measured on tiny-llama, pirate demo, `auto` shape (100 steps, 10x): 20 tokens at 1e-2 learn
+    the voice (held-out loss 3.24 -> 0.48; served answers all pirate)."""
+
     learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 1e-2
     prefix_projection: bool = False  # reparameterise the prefix through a two-layer MLP
     encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None: the model's
 
 
 class PromptTuningHyperparameters(_VirtualTokenHyperparameters):
+    """Input embeddings only, so the small base needs more of them: measured as for prefix tuning,
+    20 tokens reached a held-out loss of 1.7 (random init, 3e-2) and 1.4-1.9 (text init, 1e-3 or
+    3e-3), 50 tokens 1.30 with answers ending "Yo ho ho!" (none opens with "Arr": no input
+    moves tiny-llama off its "A" -> " went" continuation)."""
+
+    num_virtual_tokens: VirtualTokens = 50
     init: Literal["random", "text"] = "random"
     init_text: Annotated[str, Field(min_length=1, max_length=2000)] | None = None  # with init "text"
 
 
 class PTuningHyperparameters(_VirtualTokenHyperparameters):
-    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 1e-2
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+    """Measured as for prefix tuning: the MLP encoder at 1e-2 (20 tokens) left the held-out loss
+    at 2.6, at 3e-4 2.1; the LSTM encoder at 3e-4 1.4 with 20 tokens, 1.10 with 50, answers in
+    the pirate voice ("Arr! A owl hoots. Yo ho ho!")."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 3e-4
+    num_virtual_tokens: VirtualTokens = 50
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "LSTM"
     encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None: the model's
     encoder_num_layers: Annotated[int, Field(ge=1, le=8)] = 2
     encoder_dropout: Annotated[float, Field(ge=0, le=0.5)] = 0.0

@@ -14,7 +14,7 @@ from workers.spec import METHODS
 # What a job with only method.type gets (docs/API.md, "Methods"); its learning rate is the
 # method's own (BASE_RATES) times the multiplier `auto` chose for the file.
 BASE_RATES = {"lora": 2e-4, "qlora": 2e-4, "ia3": 1e-1, "adalora": 1e-2, "prefix_tuning": 1e-2,
-              "prompt_tuning": 3e-2, "p_tuning": 1e-2}
+              "prompt_tuning": 3e-2, "p_tuning": 3e-4}
 DEFAULTS = {
     "lora": {"r": 8, "lora_alpha": 16.0, "use_dora": False, "use_rslora": False,
              "init_lora_weights": "default", "batching": "pack"},
@@ -25,8 +25,8 @@ DEFAULTS = {
                 "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5},
     "prefix_tuning": {"num_virtual_tokens": 20, "prefix_projection": False, "encoder_hidden_size": None,
                       "batching": "pad"},
-    "prompt_tuning": {"num_virtual_tokens": 20, "init": "random", "init_text": None, "batching": "pad"},
-    "p_tuning": {"num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP",
+    "prompt_tuning": {"num_virtual_tokens": 50, "init": "random", "init_text": None, "batching": "pad"},
+    "p_tuning": {"num_virtual_tokens": 50, "encoder_reparameterization_type": "LSTM",
                  "encoder_hidden_size": None, "encoder_num_layers": 2, "encoder_dropout": 0.0,
                  "batching": "pad"},
 }
