@@ -194,8 +194,7 @@ class PrefixTuningHyperparameters(_VirtualTokenHyperparameters):
 class PromptTuningHyperparameters(_VirtualTokenHyperparameters):
     """Input embeddings only, so the small base needs more of them: measured as for prefix tuning,
     20 tokens reached a held-out loss of 1.7 (random init, 3e-2) and 1.4-1.9 (text init, 1e-3 or
-    3e-3), 50 tokens 1.30 with answers ending "Yo ho ho!" (none opens with "Arr": no input
-    moves tiny-llama off its "A" -> " went" continuation)."""
+    3e-3), 50 tokens 1.30, 6 of 13 served answers with pirate words (docs/API.md, "Methods")."""
 
     num_virtual_tokens: VirtualTokens = 50
     init: Literal["random", "text"] = "random"
