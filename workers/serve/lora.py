@@ -244,11 +244,14 @@ class LoraBatch:
     viewed ``(rows, sum of widths)`` is the members' outputs side by side."""
 
     def __init__(self, modules: list[MultiLoraLinear], starts: torch.Tensor, ranks: torch.Tensor,
-                 bias_pages: torch.Tensor, *, dense: bool, units: list[list[int]] | None = None):
+                 bias_pages: torch.Tensor, *, dense: bool, units: list[list[int]] | None = None,
+                 layouts: dict | None = None):
         self._modules, self._dense = modules, dense
-        self._units = [[modules[i] for i in u] for u in (units or [[i] for i in range(len(modules))])]
+        self._unit_index = units or [[i] for i in range(len(modules))]
+        self._units = [[modules[i] for i in u] for u in self._unit_index]
         self._starts, self._ranks, self._bias = starts, ranks, bias_pages
         self._plans: dict[int, list[tuple]] = {}
+        self._layouts = {} if layouts is None else layouts  # shared by the batches of one owner
 
     def plan(self, tokens: int) -> list[tuple]:
         """Per wrapped layer: its unit's (members, LoRA operands or None, per-row bias
@@ -258,32 +261,50 @@ class LoraBatch:
             plan = self._plans[tokens] = self._build(tokens)
         return plan
 
+    def _layout(self, rows: int) -> tuple:
+        """Where each unit's bags and CSR row pointers are, for ``rows`` token rows: the same for
+        every composition of that size, so kept by the owner (``layouts``)."""
+        key = (tuple(map(tuple, self._unit_index)), rows)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            # Bags in unit order, (row, member) within a unit: an index into the flat tables.
+            index = torch.cat([(torch.tensor(u)[None, :] * rows + torch.arange(rows)[:, None]).flatten()
+                               for u in self._unit_index])
+            sizes = torch.tensor([len(u) for u in self._unit_index])
+            bag_at = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes * rows, 0)])
+            unit = torch.arange(len(sizes))
+            # Row r of unit u starts at bag bag_at[u] + r * members(u); r = rows closes it.
+            crow_pos = (bag_at[:-1, None] + torch.arange(rows + 1)[None, :] * sizes[:, None]).flatten()
+            layout = self._layouts[key] = (index, bag_at, bag_at.tolist(), unit.repeat_interleave(sizes * rows),
+                                           crow_pos, unit.repeat_interleave(rows + 1))
+        return layout
+
     def _build(self, tokens: int) -> list[tuple]:
         ranks = self._ranks.repeat_interleave(tokens, 1) if tokens > 1 else self._ranks
         starts = self._starts.repeat_interleave(tokens, 1) if tokens > 1 else self._starts
         rows = ranks.shape[1]
-        # Bags in unit order, (row, member) within a unit: an index into the flat tables.
-        index = torch.cat([(torch.tensor([m.index for m in unit])[None, :] * rows
-                            + torch.arange(rows)[:, None]).flatten() for unit in self._units])
+        index, bag_at_t, bag_at, bag_unit, crow_pos, crow_unit = self._layout(rows)
         flat, first_page = ranks.flatten()[index], starts.flatten()[index]
-        ends = torch.cumsum(flat, 0)
-        total = int(ends[-1]) if len(ends) else 0
-        first = ends - flat  # each bag's first entry
+        ends = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(flat, 0)])  # entries before each bag
+        total = int(ends[-1])
+        first = ends[:-1]
         # Column of every stored entry: its bag's first page plus its place within the bag.
         col = (first_page.repeat_interleave(flat, output_size=total) + torch.arange(total)
                - first.repeat_interleave(flat, output_size=total))
-        bags = [len(u) * rows for u in self._units]
-        bag_at = [0]
-        for n in bags:
-            bag_at.append(bag_at[-1] + n)
-        entry_at = [0] + ends[torch.tensor(bag_at[1:]) - 1].tolist() if total else [0] * len(bag_at)
+        unit_first = ends[bag_at_t]  # each unit's first entry
+        entry_at = unit_first.tolist()
+        offsets = first - unit_first[bag_unit]  # embedding_bag offsets, per unit
+        crow = ends[crow_pos] - unit_first[crow_unit]  # CSR row pointers, per unit
         has_bias = self._bias.any(1).tolist()
         device = self._modules[0].pool.device if self._modules else torch.device("cpu")
-        col_d, first_d = col.to(device), first.to(device)
+        col_d, offsets_d, crow_d = col.to(device), offsets.to(device), crow.to(device)
+        values = None
         plan: list[tuple | None] = [None] * len(self._modules)
         for u, unit in enumerate(self._units):
             pool, members = unit[0].pool, len(unit)
-            b0, b1, e0, e1 = bag_at[u], bag_at[u + 1], entry_at[u], entry_at[u + 1]
+            e0, e1 = entry_at[u], entry_at[u + 1]
             bias = None
             if any(has_bias[m.index] for m in unit):
                 pages = self._bias[[m.index for m in unit]].t().reshape(-1).to(device)
@@ -295,17 +316,19 @@ class LoraBatch:
                 cols = col_d[e0:e1]
                 # The batch's distinct pages once, and which of them each row uses.
                 pages, which = torch.unique(cols, return_inverse=True)
-                row = torch.repeat_interleave(torch.arange(rows, device=device), flat[b0:b1].to(device),
-                                              output_size=n)
+                row = torch.repeat_interleave(torch.arange(rows, device=device),
+                                              flat[bag_at[u]:bag_at[u + 1]].to(device), output_size=n)
                 mask = torch.zeros(rows, len(pages), dtype=pool.dtype, device=device)
                 mask[row, which] = 1
                 lora = ("dense", pool.a.index_select(0, pages), pool.b.index_select(0, pages), mask)
             else:
-                offsets = first_d[b0:b1] - e0
-                crow = torch.cat([offsets[::members], torch.tensor([n], device=device)])
-                pattern = torch.sparse_csr_tensor(crow, col_d[e0:e1], torch.zeros(n, dtype=pool.dtype, device=device),
+                if values is None:  # every unit's SDDMM output, one allocation
+                    values = torch.zeros(total, dtype=pool.dtype, device=device)
+                at = u * (rows + 1)
+                pattern = torch.sparse_csr_tensor(crow_d[at:at + rows + 1], col_d[e0:e1], values[e0:e1],
                                                   (rows, pool.pages), check_invariants=False)
-                lora = ("sparse", pattern, pattern.values(), pool.a.t(), col_d[e0:e1], offsets)
+                lora = ("sparse", pattern, pattern.values(), pool.a.t(), col_d[e0:e1],
+                        offsets_d[bag_at[u]:bag_at[u + 1]])
             entry = (unit, lora, bias, [m.out_features for m in unit])
             for m in unit:
                 plan[m.index] = entry

@@ -54,6 +54,7 @@ class DeviceSlots:
         for unit in self.units:
             fuse_bases([listed[i] for i in unit])
         self._index = {name: i for i, name in enumerate(modules)}
+        self._layouts: dict = {}  # LoraBatch._layout, per units and token rows
         # Per wrapped layer and slot: where the adapter's pages start, its rank, its bias page.
         self._starts = torch.zeros(len(modules), slots, dtype=torch.long)
         self._ranks = torch.zeros(len(modules), slots, dtype=torch.long)
@@ -195,7 +196,7 @@ class DeviceSlots:
                      for part in ([[i] for i in unit] if split.intersection(unit) else [unit])]
         with self._lock:
             return LoraBatch(list(self._modules.values()), self._starts[:, index], self._ranks[:, index],
-                             self._bias[:, index], dense=self.dense, units=units)
+                             self._bias[:, index], dense=self.dense, units=units, layouts=self._layouts)
 
     def release(self, key: str) -> None:
         with self._lock:
