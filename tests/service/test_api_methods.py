@@ -27,7 +27,7 @@ DEFAULTS = {
                       "batching": "pad"},
     "prompt_tuning": {"num_virtual_tokens": 50, "init": "random", "init_text": None, "batching": "pad"},
     "p_tuning": {"num_virtual_tokens": 50, "encoder_reparameterization_type": "LSTM",
-                 "encoder_hidden_size": None, "encoder_num_layers": 2, "encoder_dropout": 0.0,
+                 "encoder_hidden_size": 256, "encoder_num_layers": 2, "encoder_dropout": 0.0,
                  "batching": "pad"},
 }
 
