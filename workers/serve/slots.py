@@ -1,7 +1,8 @@
 """The device tier of the adapter cache: which adapters are resident, and where their pages are.
 
 Capacity is a byte budget: an adapter takes the pages its ranks and target layers need
-(``workers.serve.pool``), so one device holds many small adapters or fewer large ones. A count
+(``workers.serve.pool``) and the bytes of its (IA)3/DoRA vectors (``vector_bytes``), so one device
+holds many small adapters or fewer large ones. A count
 limit (``slots``) bounds the bookkeeping tables; a resident adapter's number (its "slot", 1..)
 names it in those tables and in each row of a batch (0: no adapter). LRU eviction; an adapter
 is referenced by every running row that uses it and is never evicted while referenced or
