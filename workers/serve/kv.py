@@ -11,7 +11,9 @@ The engine describes each forward with ``plan``: row r writes ``counts[r]`` toke
 counts[r] - 1``. It quacks like a transformers ``Cache`` for the one call the attention layers make
 (``update``): the new keys are scattered into their rows' slots, and each row's blocks are gathered
 back (whole blocks: as fast as a contiguous copy, where a gather by token is several times slower)
-as a ``(rows, kv_heads, span, head_dim)`` view for attention under the engine's 4-D mask.
+as a ``(rows, kv_heads, span, head_dim)`` view for attention under the engine's 4-D mask. On a
+CPU, while a batch keeps the same rows, that gather is kept per layer and each step only writes
+its new tokens into it (``staging``).
 
 A masked position must never meet stale data (masked attention over a NaN left by a failed request
 is still NaN: 0 × NaN): a block is zeroed when a row takes it, and a row shorter than the batch's
@@ -28,7 +30,7 @@ NULL, TRASH = 0, 1  # block ids
 
 class PagedKVCache:
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, tokens: int, block_size: int = 16,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, staging: bool | None = None):
         self.block_size, self.device = block_size, device
         self.blocks = -(-tokens // block_size)  # usable blocks: the budget, rounded up
         shape = ((self.blocks + 2) * block_size, kv_heads, head_dim)  # + NULL and TRASH
@@ -43,6 +45,13 @@ class PagedKVCache:
         # Where each layer's blocks are gathered, reused from layer to layer and step to step: a
         # fresh tensor of that size each time costs more in page faults (CPU) than the copy.
         self._gathered = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
+        # On a CPU the per-step gather is a large part of a small model's decode step: while the
+        # batch's rows stay the same, each layer keeps its rows' keys/values gathered ("staged",
+        # (rows + 1, capacity, heads, dim), the last row takes padding) and each step adds only
+        # its new tokens. Bounded by the pool's own size; off on accelerators, where that memory
+        # is worth more than the copy.
+        self.staging = device.type == "cpu" if staging is None else staging
+        self._stage: dict | None = None
 
     @property
     def tokens(self) -> int:
@@ -95,6 +104,7 @@ class PagedKVCache:
         n = layers_kv[0][0].shape[1]
         blocks = self._grow(key, start + n)
         self._zero_taken()
+        self._stage = None  # the staged rows no longer match the blocks
         pos = torch.arange(start, start + n)
         slots = (torch.tensor(blocks)[pos // self.block_size] * self.block_size + pos % self.block_size
                  ).to(self.device)
@@ -119,16 +129,42 @@ class PagedKVCache:
         written = table.gather(1, (pos // b).clamp(max=width - 1)) * b + pos % b
         write = torch.where(pos < start + count, written, TRASH * b).view(-1)
         # Every row starts empty: attention needs only the new keys. Else whole blocks, NULL past a row's last.
-        self._plan = (write, None if not any(starts) else table.reshape(-1), max(ends))
+        self._plan = (write, None if not any(starts) else table.reshape(-1), max(ends), None)
+        if self._plan[1] is not None and self.staging:
+            self._plan = self._plan[:3] + (self._stage_plan(keys, pos, start + count, width),)
+
+    def _stage_plan(self, keys: list, pos: torch.Tensor, end: torch.Tensor, width: int) -> tuple | None:
+        """(rebuild?, where the new tokens go in the staged rows) or None (too large to stage)."""
+        rows, key = len(keys), tuple(keys)
+        cap = max(self._promised[k] for k in keys) * self.block_size  # no row of the batch grows past it
+        if (rows + 1) * cap > self.tokens:
+            self._stage = None
+            return None
+        stage = self._stage
+        rebuild = stage is None or stage["keys"] != key
+        if rebuild:
+            shape = (rows + 1, cap, *self.k[0].shape[1:])
+            if stage is None or stage["k"][0].shape != shape:
+                stage = {"k": [torch.zeros(shape, dtype=self.k[0].dtype, device=self.device) for _ in self.k],
+                         "v": [torch.zeros(shape, dtype=self.k[0].dtype, device=self.device) for _ in self.k]}
+            stage.update(keys=key, cap=cap, width=width)
+            self._stage = stage
+        row = torch.arange(rows, device=self.device)[:, None]
+        at = torch.where(pos < end, row * cap + pos, rows * cap).view(-1)  # padding: the last row
+        return rebuild, at
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        write, blocks, span = self._plan
+        write, blocks, span, staged = self._plan
         rows, heads, t, dim = key.shape
         pool_k, pool_v = self.k[layer_idx], self.v[layer_idx]
-        pool_k.index_copy_(0, write, key.transpose(1, 2).reshape(rows * t, heads, dim))
-        pool_v.index_copy_(0, write, value.transpose(1, 2).reshape(rows * t, heads, dim))
+        new_k = key.transpose(1, 2).reshape(rows * t, heads, dim)
+        new_v = value.transpose(1, 2).reshape(rows * t, heads, dim)
+        pool_k.index_copy_(0, write, new_k)
+        pool_v.index_copy_(0, write, new_v)
         if blocks is None:
             return key, value
+        if staged is not None:
+            return self._staged(layer_idx, staged, blocks, new_k, new_v, rows, span)
         per_block = self.block_size * heads * dim  # 2-D: index_select copies whole rows then
         if self._gathered[0].numel() < blocks.numel() * per_block:
             self._gathered = tuple(torch.empty(blocks.numel() * per_block, dtype=pool_k.dtype, device=self.device)
@@ -138,4 +174,22 @@ class PagedKVCache:
             got = buf[:blocks.numel() * per_block].view(-1, per_block)
             torch.index_select(pool.view(-1, per_block), 0, blocks, out=got)
             out.append(got.view(rows, -1, heads, dim)[:, :span].transpose(1, 2))
+        return out[0], out[1]
+
+    def _staged(self, layer: int, staged: tuple, blocks: torch.Tensor, new_k: torch.Tensor,
+                new_v: torch.Tensor, rows: int, span: int):
+        """The layer's staged rows: gathered whole from the blocks when the batch's rows changed
+        (zeros past what was gathered: a masked position never meets stale data), else the new
+        tokens written in."""
+        rebuild, at = staged
+        stage, out = self._stage, []
+        for pool, staged_rows, new in ((self.k[layer], stage["k"][layer], new_k), (self.v[layer], stage["v"][layer], new_v)):
+            if rebuild:
+                per_block = self.block_size * pool.shape[1] * pool.shape[2]
+                staged_rows.zero_()
+                gathered = torch.index_select(pool.view(-1, per_block), 0, blocks).view(rows, -1, per_block)
+                staged_rows[:rows].view(rows, -1, per_block)[:, :stage["width"]].copy_(gathered)
+            else:
+                staged_rows.view(-1, *staged_rows.shape[2:]).index_copy_(0, at, new)
+            out.append(staged_rows[:rows, :span].transpose(1, 2))
         return out[0], out[1]

@@ -190,3 +190,30 @@ def test_incremental_detokenising_equals_decoding_the_whole_output(tiny):
     assert engine._detokenize(req) == ""
     req.finish_reason = "length"
     assert engine._detokenize(req) == tok.decode(cut) == "\ufffd"
+
+
+def test_staged_rows_equal_the_per_step_gather(tiny, prompts):
+    """On a CPU each layer keeps a batch's rows gathered while the rows stay the same and adds
+    each step's tokens: rows joining and leaving, prompts prefilled in chunks, the same tokens
+    as gathering every row's blocks at every step, and as PEFT."""
+    outs = {}
+    for staging in (True, False):
+        engine = Engine(tiny.base_model(), max_batch=4, max_len=64, adapter_slots=2, max_prefill_tokens=8)
+        engine.kv.staging = staging
+        texts = prompts([12, 5, 9, 17, 6], seed=41)
+        names = ["ad8", None, "ad16", "ad8", None]
+        params = [SamplingParams(max_tokens=m, temperature=0) for m in (7, 3, 9, 5, 8)]
+        reqs = [engine.submit(t, p, tiny.adapter(n) if n else None) for t, p, n in zip(texts[:3], params, names)]
+        staged = 0
+        for _ in range(3):
+            engine.step()
+            staged += engine.kv._stage is not None
+        reqs += [engine.submit(t, p, tiny.adapter(n) if n else None) for t, p, n in zip(texts[3:], params[3:], names[3:])]
+        while engine.has_work():
+            engine.step()
+            staged += engine.kv._stage is not None
+        assert (staged > 0) == staging
+        outs[staging] = [r.output_ids for r in reqs]
+        for prompt, name, p, req in zip(texts, names, params, reqs):
+            assert req.output_ids == tiny.reference(prompt, name, p.max_tokens), name
+    assert outs[True] == outs[False]
