@@ -29,6 +29,16 @@ SHAPE = {"n_epochs": 10, "batch_size": 8, "gradient_accumulation_steps": 1}  # 6
 MAX_LOSS_RATIO = 0.62
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model gains nothing from a second thread; on a shared 2-core machine its spinning
+    # tripled this module's CPU time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base_eval_loss(tiny_llama_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
