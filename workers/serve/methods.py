@@ -21,6 +21,8 @@ row's KV cache, and the prompt's tokens take positions ``N, N+1, …`` as in PEF
 
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass, field
 
@@ -312,12 +314,17 @@ class RowScaled(nn.Module):
 
 def _dense_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight (out, in) in float32, dequantized for a 4-bit layer as PEFT's
-    DoRA does."""
-    if type(base).__name__ == "Linear4bit":
-        from peft.utils.integrations import dequantize_module_weight
+    DoRA does. On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its own kernel
+    at the first inference forward, and ``dequantize_4bit`` does not read that layout: undo the
+    packing on copies first (the module keeps its packed weight)."""
+    if type(base).__name__ != "Linear4bit":
+        return base.weight.detach().float()
+    import bitsandbytes.functional as bnbf
 
-        return dequantize_module_weight(base).float()
-    return base.weight.detach().float()
+    data, state = base.weight.data, base.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+    return bnbf.dequantize_4bit(data, state).float()
 
 
 class RowMethods:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -27,10 +29,11 @@ ROWS = ["lora", None, "rslora", "dora", "adalora", None, "ia3", "prompt_tuning",
 
 
 class MethodAdapters:
-    def __init__(self, tiny, directory: Path):
+    def __init__(self, tiny, directory: Path, specs: dict | None = None, seed: int = 0):
         self.tiny = tiny
-        self.dirs = random_method_adapters(tiny.config, directory)
+        self.dirs = random_method_adapters(tiny.config, directory, specs or METHOD_SPECS, seed=seed)
         self._refs: dict = {}
+        self._dense: dict[int, torch.Tensor] = {}
 
     def adapter(self, name: str | None, dtype: torch.dtype = torch.float32):
         return None if name is None else load_peft_adapter(self.dirs[name], key=name, adapter_id=name,
@@ -49,13 +52,37 @@ class MethodAdapters:
             else:
                 base = self.tiny.base_model()
             self._refs[name, nf4] = peft_reference(base, self.dirs[name] if name else None)
+            if nf4:  # each 4-bit weight dequantized before any forward could repack it
+                self._dense.update({id(m): _dequantize_before_packing(m) for m in self._refs[name, nf4].modules()
+                                    if type(m).__name__ == "Linear4bit"})
         model, seq = self._refs[name, nf4], list(prompt)
-        with torch.inference_mode():
+        with torch.inference_mode(), _peft_dora_reads(self._dense):
             for _ in range(GREEDY.max_tokens):
                 ids = torch.tensor([seq])
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
                 seq.append(int(logits[0, -1].argmax()))
         return seq[len(prompt):]
+
+
+def _dequantize_before_packing(module) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+    return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+
+
+@contextlib.contextmanager
+def _peft_dora_reads(dense: dict[int, torch.Tensor]):
+    """PEFT's DoRA dequantizes the 4-bit base weight at every forward with ``dequantize_4bit``,
+    which misreads the layout bitsandbytes repacks a weight into at its first inference forward
+    on a CPU with AVX512-BF16 (PEFT 0.21 / bitsandbytes 0.50): there the reference reads the
+    weights as dequantized before that repacking, the values PEFT reads everywhere else."""
+    from peft.tuners.lora import dora
+
+    original = dora.dequantize_module_weight
+    with mock.patch.object(dora, "dequantize_module_weight",
+                           lambda module: dense[id(module)] if id(module) in dense else original(module)):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +126,22 @@ def test_nf4_base_mixed_batch_of_every_method_equals_peft_alone(tiny, methods, p
     for prompt, name, req in zip(texts, ROWS, _run_mixed(engine, methods, texts)):
         assert req.finish_reason == "length", (name, req.error)
         assert req.output_ids == methods.reference(prompt, name, nf4=True), name
+
+
+def test_dora_reads_the_4bit_weight_whatever_layout_bitsandbytes_keeps(tiny):
+    """After an inference forward (which on an AVX512-BF16 CPU repacks the weight for
+    bitsandbytes' own kernel) the engine still reads the weight as dequantized before it."""
+    from workers.serve.base import load_serving_base
+    from workers.serve.methods import _dense_weight
+
+    model, _ = load_serving_base(tiny.base_dir, quantization="nf4", device="cpu")
+    layer = model.model.layers[0].self_attn.q_proj
+    before = _dequantize_before_packing(layer)
+    with torch.inference_mode():
+        layer(torch.randn(2, before.shape[1]))
+    # The repacked layout keeps each block's absmax in bfloat16 (8 significant bits): the weight
+    # bitsandbytes' kernel then multiplies by is the dequantized one to within that rounding.
+    torch.testing.assert_close(_dense_weight(layer), before, rtol=2**-8, atol=0)
 
 
 def test_slots_reused_across_methods_keep_each_rows_output(tiny, methods, prompts):
@@ -345,13 +388,10 @@ def test_an_input_scaled_layer_leaves_its_unit_and_rows_still_equal_peft(tiny, p
     """q/k/v and gate/up are computed as one unit (one base matmul and one LoRA kernel pair for
     the unit); an (IA)3 input scale on ``up_proj`` changes that layer's input, so a batch with
     such a row runs gate/up apart, while LoRA rows on gate/up share the batch."""
-    from workers.serve.synthetic_methods import random_method_adapters
 
     specs = {"ia3_up": ("IA3Config", dict(target_modules=["k_proj", "up_proj"], feedforward_modules=["up_proj"])),
              "lora_mlp": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "q_proj", "k_proj"]))}
-    adapters = MethodAdapters.__new__(MethodAdapters)
-    adapters.tiny, adapters._refs = tiny, {}
-    adapters.dirs = random_method_adapters(tiny.config, tmp_path, specs, seed=7)
+    adapters = MethodAdapters(tiny, tmp_path, specs, seed=7)
     engine = Engine(tiny.base_model(), max_batch=4, max_len=64, adapter_slots=2)
     grouped = [[list(engine.modules)[i].rsplit(".", 1)[-1] for i in u] for u in engine.slots.units if len(u) > 1]
     # k/v (q is wider than them: grouped query attention) and gate/up of every layer
