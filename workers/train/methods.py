@@ -229,10 +229,12 @@ class PTuningMethod(_VirtualTokenMethod):
         return self.hp.num_virtual_tokens
 
     def config(self):
-        from peft import PromptEncoderConfig
+        from peft import PromptEncoderConfig, PromptEncoderReparameterizationType
 
+        # The enum, not its string: PEFT's MLP encoder reads `.value` when the layer count is not 2.
+        kind = PromptEncoderReparameterizationType(self.hp.encoder_reparameterization_type)
         return PromptEncoderConfig(num_virtual_tokens=self.hp.num_virtual_tokens,
-                                   encoder_reparameterization_type=self.hp.encoder_reparameterization_type,
+                                   encoder_reparameterization_type=kind,
                                    encoder_hidden_size=self.hp.encoder_hidden_size,
                                    encoder_num_layers=self.hp.encoder_num_layers,
                                    encoder_dropout=self.hp.encoder_dropout, task_type="CAUSAL_LM")

@@ -149,3 +149,16 @@ def test_resume_is_exact(method_store, case, stop_at, hp):
         ranks = [sum(mask) for mask in configs[0]["rank_pattern"].values()]
         hp = spec.hyperparameters
         assert len(ranks) == 4 * 4 and sum(ranks) <= hp.target_r * len(ranks) < hp.init_r * len(ranks)
+
+
+def test_p_tuning_mlp_encoder_of_any_depth_builds_and_runs(tiny_llama_dir):
+    """PEFT's MLP prompt encoder reads the reparameterization type as its enum when the layer
+    count is not 2: the job's string must reach it as one."""
+    from peft import get_peft_model
+
+    hp = hyperparameters_for("p_tuning", {"encoder_reparameterization_type": "MLP", "encoder_num_layers": 3,
+                                          "num_virtual_tokens": 4})
+    config = train_method("p_tuning", hp, total_steps=1, model_path=tiny_llama_dir).config()
+    model = get_peft_model(load_base_model(tiny_llama_dir, "none", "cpu"), config)
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape[1] == 3 + 4
