@@ -124,7 +124,7 @@ def _base_eval_loss(path: Path) -> float:
 
     from workers.data.batching import epoch_batches
     from workers.models.loading import load_tokenizer
-    from workers.train.loop import label_loss, read_dataset
+    from workers.train.loop import read_dataset, summed_label_loss
 
     tokenizer = load_tokenizer(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,37 +132,15 @@ def _base_eval_loss(path: Path) -> float:
         put_bytes(store, "val.jsonl", _split()[1])
         val, _, _ = read_dataset(store, "val.jsonl", None, tokenizer, 512)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for b in epoch_batches(val, batch_size=8, mode="pad", max_len=512, pad_id=tokenizer.pad_token_id, seed=0):
-            total += label_loss(model, b, "cpu", 1).item()
-            n += b.label_tokens()
+    total, n = summed_label_loss(model, epoch_batches(val, batch_size=8, mode="pad", max_len=512,
+                                                     pad_id=tokenizer.pad_token_id, seed=0), "cpu")
     return total / n
 
 
 def _closed_loop(engine, prompts, adapters, rounds: int) -> tuple[int, float, list]:
-    """Every client resubmits from its finish callback (continuous batching), ``rounds`` times."""
-    from workers.serve.sampling import SamplingParams
+    from serve_throughput import closed_loop  # bench/: the serving bench's client loop
 
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
-    done, sent = [], [0] * len(prompts)
-
-    def send(i: int) -> None:
-        sent[i] += 1
-        engine.submit(prompts[i], params, adapters[i], lambda req, _d: finished(i, req))
-
-    def finished(i: int, req) -> None:
-        if req.finish_reason is not None:
-            done.append((i, req))
-            if sent[i] < rounds:
-                send(i)
-
-    start = time.perf_counter()
-    for i in range(len(prompts)):
-        send(i)
-    while engine.has_work():
-        engine.step()
-    return sum(len(r.output_ids) for _, r in done), time.perf_counter() - start, done
+    return closed_loop(engine, prompts, adapters, rounds, max_tokens=NEW_TOKENS)
 
 
 def serve(store, rows: list[dict], questions: int, rounds: int, reps: int) -> dict:

@@ -96,10 +96,10 @@ def hf_rounds(model, prompts, rounds, *, serial=False, adapter_names=None, set_a
     return tokens, time.perf_counter() - start, ttfts  # generate() ends synchronised (it reads ids)
 
 
-def ours_closed_loop(engine: Engine, prompts, adapters, rounds):
+def closed_loop(engine: Engine, prompts, adapters, rounds, *, max_tokens: int = NEW_TOKENS):
     """Each client submits its next request from the finish callback: it joins the running batch
-    at the next step (continuous batching)."""
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    at the next step (continuous batching). Returns (tokens, seconds, [(client, request)])."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
     done, sent = [], [0] * len(prompts)
 
     def send(i: int) -> None:
@@ -108,7 +108,7 @@ def ours_closed_loop(engine: Engine, prompts, adapters, rounds):
 
     def finished(i: int, req) -> None:
         if req.finish_reason is not None:
-            done.append(req)
+            done.append((i, req))
             if sent[i] < rounds:
                 send(i)
 
@@ -117,7 +117,13 @@ def ours_closed_loop(engine: Engine, prompts, adapters, rounds):
         send(i)
     while engine.has_work():
         engine.step()
-    return sum(len(r.output_ids) for r in done), time.perf_counter() - start, [r.ttft for r in done]
+    return sum(len(r.output_ids) for _, r in done), time.perf_counter() - start, done
+
+
+def ours_closed_loop(engine: Engine, prompts, adapters, rounds):
+    """closed_loop's tokens and seconds, and each request's time to first token."""
+    tokens, seconds, done = closed_loop(engine, prompts, adapters, rounds)
+    return tokens, seconds, [r.ttft for _, r in done]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 
 from workers.spec import VIRTUAL_TOKEN_METHODS, BaseModelRef, TrainJobSpec, hyperparameters_for
 from workers.storage import put_bytes
-from workers.train.loop import label_loss, read_dataset, run_training
+from workers.train.loop import read_dataset, run_training, summed_label_loss
 from workers.train.report import MemoryReporter
 
 pytestmark = pytest.mark.slow
@@ -52,11 +52,8 @@ def base_eval_loss(tiny_llama_dir, tmp_path_factory):
     tokenizer = load_tokenizer(tiny_llama_dir)
     val, _, _ = read_dataset(store, "val.jsonl", None, tokenizer, 512)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for b in epoch_batches(val, batch_size=8, mode="pad", max_len=512, pad_id=tokenizer.pad_token_id, seed=0):
-            total += label_loss(model, b, "cpu", 1).item()
-            n += b.label_tokens()
+    total, n = summed_label_loss(model, epoch_batches(val, batch_size=8, mode="pad", max_len=512,
+                                                     pad_id=tokenizer.pad_token_id, seed=0), "cpu")
     return total / n
 
 

@@ -107,6 +107,16 @@ def eval_mode(model) -> None:
             module.train()  # no dropout or other train-only behaviour of its own
 
 
+@torch.no_grad()
+def summed_label_loss(model, batches, device, virtual_tokens: int = 0) -> tuple[float, int]:
+    """(summed token loss, label tokens) over ``batches``: their quotient is the eval loss."""
+    loss_sum, n_items = 0.0, 0
+    for batch in batches:
+        loss_sum += label_loss(model, batch, device, 1, virtual_tokens).item()
+        n_items += batch.label_tokens()
+    return loss_sum, n_items
+
+
 def read_dataset(store: ObjectStore, key: str, expected_sha256: str | None, tokenizer, max_len: int):
     """Download, verify and encode a JSONL file. Returns (examples, stats, sha256)."""
     def fetch() -> bytes:
@@ -337,10 +347,8 @@ class _Run:
         if not self.val_set:
             return None
         eval_mode(self.model)
-        loss_sum, n_items = 0.0, 0
-        for batch in self._batches(0, self.val_set, seed_offset=10_000):
-            loss_sum += label_loss(self.model, batch, self.device, 1, self.method.virtual_tokens).item()
-            n_items += batch.label_tokens()
+        loss_sum, n_items = summed_label_loss(self.model, self._batches(0, self.val_set, seed_offset=10_000),
+                                              self.device, self.method.virtual_tokens)
         if self.world.size > 1:
             t = torch.tensor([loss_sum, n_items], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t)
