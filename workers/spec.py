@@ -71,6 +71,8 @@ def _check_rank_schedule(v: list[list[int]]) -> list[list[int]]:
     return v
 
 
+# LoRA initialisations whose B starts at zero, so added rank changes nothing (rank_schedule).
+GROWABLE_INITS = ("default", "gaussian")
 # [[epoch, rank], ...]: from each epoch on, that rank (docs/API.md, "Progressive rank growth").
 RankSchedule = Annotated[list[Annotated[list[int], Field(min_length=2, max_length=2)]],
                          Field(min_length=1, max_length=16), AfterValidator(_check_rank_schedule)]

@@ -25,6 +25,7 @@ from service.errors import ValidationFailed
 from workers.spec import (
     MAX_EFFECTIVE_BATCH,
     MAX_MICRO_BATCH_TOKENS,
+    GROWABLE_INITS,
     AdaLoraHyperparameters,
     Hyperparameters,
     IA3Hyperparameters,
@@ -127,9 +128,9 @@ def _check_rank_schedule(base: BaseModelRow, hp: Hyperparameters, refuse) -> Non
         refuse(field, f"rank_schedule starts a stage at epoch {last_epoch} (counted from 0), but the job "
                       f"trains {hp.n_epochs} epochs (n_epochs; when left `auto`, chosen from the training "
                       f"file): set n_epochs above {last_epoch} or start the stage earlier")
-    if hp.init_lora_weights not in ("default", "gaussian"):
+    if hp.init_lora_weights not in GROWABLE_INITS:
         refuse(field, f"init_lora_weights={hp.init_lora_weights!r} starts with B non-zero (or rewrites the "
-                      f"base), so adding rank would change the model; use 'default' or 'gaussian'")
+                      f"base), so adding rank would change the model; use one of {GROWABLE_INITS}")
 
 
 def _check_ia3(facts: ModelFacts, hp: IA3Hyperparameters, refuse) -> None:

@@ -24,11 +24,10 @@ import math
 import torch
 from torch import nn
 
-from workers.spec import Hyperparameters
+from workers.spec import GROWABLE_INITS, Hyperparameters
 from workers.train.errors import TrainingError
 
 ADAPTER = "default"
-GROWABLE_INITS = ("default", "gaussian")  # B starts at zero: added rank changes nothing
 
 
 def rank_at(schedule: list[list[int]], epoch: int) -> int:
