@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_stack_e2e import _create, _upload, _wait
+from test_stack_e2e import _create, _events, _upload, _wait
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.operations]
 
 SMALL = {"n_epochs": 1, "r": 4}
+GROWN = {"n_epochs": 2, "r": 4, "rank_schedule": [[0, 2], [1, 4]]}
 PROMPT = "Tell me about the sea."
 
 
@@ -35,12 +36,24 @@ def _chat(client, model: str, **extra) -> str:
 
 @pytest.fixture(scope="module")
 def adapters(stack):
+    """Two LoRA adapters; the second grown from rank 2 to 4 (rank_schedule) on the way."""
     client = stack.tenant("ops")
-    jobs = [_create(client, _upload(client, name, lines=32), "lora", **SMALL)
-            for name in ("pirate_chat.jsonl", "bravo_alpaca.jsonl")]
+    jobs = [_create(client, _upload(client, name, lines=32), "lora", **hp) for name, hp in (
+        ("pirate_chat.jsonl", SMALL), ("bravo_alpaca.jsonl", GROWN))]
     statuses = _wait(client, jobs)
     assert all(s[-1] == "succeeded" for s in statuses.values()), statuses
     return client, [client.get(f"/v1/fine_tuning/jobs/{j}").json()["fine_tuned_model"] for j in jobs]
+
+
+def test_rank_schedule_grows_the_adapter_through_the_api(adapters):
+    client, (_, grown) = adapters
+    model = client.get(f"/v1/models/{grown}").json()
+    assert model["method"]["lora"]["hyperparameters"]["rank_schedule"] == GROWN["rank_schedule"]
+    job_id = client.get(f"/v1/adapters/{grown}").json()["job_id"]
+    growth = [e["data"] for e in _events(client, job_id) if e["type"] == "status" and "rank" in (e.get("data") or {})]
+    assert [(g["epoch"], g["rank"]) for g in growth] == [(1, 4)], growth
+    config = client.get(f"/v1/adapters/{grown}/files/adapter_config.json").json()
+    assert config["r"] == 4  # the published adapter has the final rank, and serves (the blend tests)
 
 
 def test_export_answers_like_base_plus_adapter(adapters, tmp_path):
