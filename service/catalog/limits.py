@@ -31,6 +31,7 @@ from workers.spec import (
     IA3Hyperparameters,
     PrefixTuningHyperparameters,
     PromptTuningHyperparameters,
+    PTuningHyperparameters,
     TrainingHyperparameters,
 )
 
@@ -83,6 +84,10 @@ def check_hyperparameters(base: BaseModelRow, hp: TrainingHyperparameters, *, pa
     elif isinstance(hp, PromptTuningHyperparameters):
         if (hp.init == "text") != (hp.init_text is not None):
             refuse("init_text", "init_text is required with init: 'text', and only then")
+    elif isinstance(hp, PTuningHyperparameters):
+        if hp.encoder_reparameterization_type == "MLP" and hp.encoder_num_layers != 2:
+            refuse("encoder_num_layers", "the MLP prompt encoder has exactly 2 layers (PEFT ignores another "
+                                         "count); encoder_num_layers sizes the LSTM encoder only")
 
 
 def _check_lora(base: BaseModelRow, facts: ModelFacts, hp: Hyperparameters, method: str, refuse) -> None:

@@ -115,6 +115,8 @@ P = "method.{}.hyperparameters.{}"
      P.format("prefix_tuning", "encoder_hidden_size")),
     (method("prompt_tuning", init="text"), "invalid_hyperparameters", P.format("prompt_tuning", "init_text")),
     (method("prompt_tuning", init_text="hello"), "invalid_hyperparameters", P.format("prompt_tuning", "init_text")),
+    (method("p_tuning", encoder_reparameterization_type="MLP", encoder_num_layers=3), "invalid_hyperparameters",
+     P.format("p_tuning", "encoder_num_layers")),
     # tiny-llama's context is 2,048 positions; the virtual tokens take some of them.
     (method("p_tuning", max_seq_length=2040, num_virtual_tokens=20), "invalid_hyperparameters",
      P.format("p_tuning", "max_seq_length")),
